@@ -1,0 +1,1 @@
+"""The FUSE frontend: POSIX calls in, operations out, reads served from the store."""

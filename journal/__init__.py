@@ -1,0 +1,1 @@
+"""Operations, their LMDB store and the one function that applies them."""

@@ -1,0 +1,74 @@
+"""Journal records: an operation stamped with its place in the cluster's history.
+
+The same bytes are stored in every node's journal and shipped on the wire, so a record
+is verified (magic, version, length, CRC) wherever it is read.
+
+Layout (big-endian):
+
+    offset  size  field
+    0       2     magic b"TJ"
+    2       1     format version (schema.FORMAT_VERSION)
+    3       1     operation code (ops.py)
+    4       8     epoch
+    12      8     seq
+    20      16    cluster id
+    36      4     payload length n
+    40      n     operation payload (ops.py)
+    40+n    4     CRC-32 of bytes [0, 40+n)
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from .errors import CorruptRecord
+from .ops import Op, decode_op
+from .schema import FORMAT_VERSION
+
+MAGIC = b"TJ"
+_HEADER = struct.Struct(">2sBBQQ16sI")
+_CRC = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+OVERHEAD = _HEADER.size + _CRC.size
+
+
+@dataclass(frozen=True)
+class Record:
+    cluster_id: bytes
+    epoch: int
+    seq: int
+    op: Op
+
+
+def encode_record(cluster_id: bytes, epoch: int, seq: int, op: Op) -> bytes:
+    payload = op.encode()
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, op.CODE, epoch, seq, cluster_id, len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return head + payload + _CRC.pack(crc)
+
+
+def peek_header(raw: bytes | memoryview) -> tuple[int, int]:
+    """(epoch, seq) of a record without verifying it; for routing, never for applying."""
+    if len(raw) < OVERHEAD:
+        raise CorruptRecord("record shorter than its header")
+    _magic, _version, _code, epoch, seq, _cid, _n = _HEADER.unpack_from(raw, 0)
+    return epoch, seq
+
+
+def decode_record(raw: bytes | memoryview) -> Record:
+    if len(raw) < OVERHEAD:
+        raise CorruptRecord(f"record of {len(raw)} bytes is shorter than its header")
+    magic, version, code, epoch, seq, cluster_id, length = _HEADER.unpack_from(raw, 0)
+    if magic != MAGIC:
+        raise CorruptRecord("bad record magic")
+    if version != FORMAT_VERSION:
+        raise CorruptRecord(f"unsupported record format version {version}")
+    if HEADER_SIZE + length + _CRC.size != len(raw):
+        raise CorruptRecord(f"record length {len(raw)} does not match its payload length {length}")
+    end = HEADER_SIZE + length
+    (crc,) = _CRC.unpack_from(raw, end)
+    if zlib.crc32(raw[:end]) != crc:
+        raise CorruptRecord(f"checksum mismatch in record seq {seq}")
+    return Record(bytes(cluster_id), epoch, seq, decode_op(code, memoryview(raw)[HEADER_SIZE:end]))

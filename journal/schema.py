@@ -1,0 +1,149 @@
+"""The LMDB schema: every named database, its keys, values and invariants, in one place.
+
+Everything is keyed by inode number, never by path, so a rename touches two dirents and
+nothing else. Integers in keys are unsigned 64-bit big-endian so that a cursor walks them
+in numeric order (a directory's entries, a file's blocks, the journal's records).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lmdb
+
+FORMAT_VERSION = 1
+
+#: File data lives in fixed blocks of this size. LMDB stores values above ~2 KiB in
+#: overflow pages, so a block of tens of KiB costs one page run, and a 4 KiB random write
+#: rewrites one block. 64 KiB balances the two.
+BLOCK_SIZE = 64 * 1024
+
+ROOT_INO = 1
+NAME_MAX = 255
+#: Linux's PATH_MAX, also the longest symlink target we accept.
+PATH_MAX = 4096
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 64 * 1024
+
+# --- named databases -------------------------------------------------------------------
+#: meta: name -> value. Keys below. `cluster_id` is fixed at creation; `last_seq` is the
+#: seq of the newest applied record and equals the journal's last key whenever the journal
+#: is non-empty; `next_ino` is greater than every inode number ever allocated.
+DB_META = b"meta"
+#: inodes: ino (u64 BE) -> packed `Inode`. ino 1 is the root; numbers are never reused.
+#: nlink equals the number of dirents naming the inode; a directory has 2 plus one per
+#: subdirectory ("." and each child's ".."), and records its parent's ino.
+DB_INODES = b"inodes"
+#: dirents: parent ino (u64 BE) + name bytes -> child ino (u64 BE). A cursor range over
+#: one parent is that directory's listing. Every child ino exists in `inodes`.
+DB_DIRENTS = b"dirents"
+#: blocks: ino (u64 BE) + block number (u64 BE) -> up to BLOCK_SIZE bytes. A missing block
+#: reads as zeros; no block lies wholly past the file's size, and the bytes of the last
+#: block past the size are never stored.
+DB_BLOCKS = b"blocks"
+#: symlinks: ino (u64 BE) -> target bytes, for every S_IFLNK inode and no other.
+DB_SYMLINKS = b"symlinks"
+#: xattrs: ino (u64 BE) + name bytes -> value bytes. The inode exists.
+DB_XATTRS = b"xattrs"
+#: journal: seq (u64 BE) -> encoded record (journal/records.py). Dense: from the first
+#: retained seq to `last_seq` there is no hole.
+DB_JOURNAL = b"journal"
+
+ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_BLOCKS, DB_SYMLINKS, DB_XATTRS, DB_JOURNAL)
+#: The databases that make up the filesystem state proper (what `digest` covers).
+STATE_DBS = (DB_INODES, DB_DIRENTS, DB_BLOCKS, DB_SYMLINKS, DB_XATTRS)
+
+# meta keys
+META_FORMAT = b"format"
+META_CLUSTER_ID = b"cluster_id"  # 16 bytes
+META_NEXT_INO = b"next_ino"  # u64 BE
+META_LAST_SEQ = b"last_seq"  # u64 BE
+META_EPOCH = b"epoch"  # u64 BE, the newest epoch this node has seen or taken
+META_EPOCH_HISTORY = b"epoch_history"  # packed (epoch u64, first seq u64) pairs, ascending
+META_ROLE = b"role"  # b"primary" or b"standby": what this node last ran as
+META_CHECKPOINT_SEQ = b"checkpoint_seq"  # u64 BE: seq covered by the newest checkpoint
+
+_U64 = struct.Struct(">Q")
+_U64_PAIR = struct.Struct(">QQ")
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def from_u64(raw: bytes) -> int:
+    return _U64.unpack(raw)[0]
+
+
+def dirent_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+def block_key(ino: int, block_no: int) -> bytes:
+    return _U64_PAIR.pack(ino, block_no)
+
+
+def xattr_key(ino: int, name: bytes) -> bytes:
+    return _U64.pack(ino) + name
+
+
+def pack_epoch_history(history: list[tuple[int, int]]) -> bytes:
+    return b"".join(_U64_PAIR.pack(epoch, seq) for epoch, seq in history)
+
+
+def unpack_epoch_history(raw: bytes | None) -> list[tuple[int, int]]:
+    if not raw:
+        return []
+    return [_U64_PAIR.unpack_from(raw, i) for i in range(0, len(raw), _U64_PAIR.size)]
+
+
+_INODE = struct.Struct(">IIIIQQqqqQQ")
+
+
+@dataclass
+class Inode:
+    """An inode's attributes. Times are nanoseconds since the epoch."""
+
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    generation: int = 0
+    #: For directories, the ino of the one directory holding it (the root holds itself),
+    #: so that rename can refuse to move a directory into its own subtree. 0 otherwise.
+    parent: int = 0
+
+    def pack(self) -> bytes:
+        return _INODE.pack(
+            self.mode, self.nlink, self.uid, self.gid, self.rdev, self.size,
+            self.atime_ns, self.mtime_ns, self.ctime_ns, self.generation, self.parent,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Inode:
+        return cls(*_INODE.unpack(raw))
+
+
+class Databases:
+    """Handles of the named databases of one environment."""
+
+    def __init__(self, env: lmdb.Environment, create: bool) -> None:
+        if create:
+            with env.begin(write=True) as txn:
+                handles = [env.open_db(name, txn=txn, create=True) for name in ALL_DBS]
+        else:
+            handles = [env.open_db(name, create=False) for name in ALL_DBS]
+        (self.meta, self.inodes, self.dirents, self.blocks, self.symlinks, self.xattrs,
+         self.journal) = handles
+
+    def state(self) -> list[tuple[bytes, object]]:
+        return [
+            (DB_INODES, self.inodes), (DB_DIRENTS, self.dirents), (DB_BLOCKS, self.blocks),
+            (DB_SYMLINKS, self.symlinks), (DB_XATTRS, self.xattrs),
+        ]

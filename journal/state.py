@@ -1,0 +1,169 @@
+"""A view of the filesystem state inside one LMDB transaction.
+
+Reads serve the FUSE frontend (in short read transactions) and `apply` (inside the
+write transaction); the small set of writes is used by `apply` alone.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+
+import lmdb
+
+from .errors import NameTooLong, NoSuchAttribute, NotADirectory, NotFound
+from .schema import (
+    BLOCK_SIZE,
+    META_NEXT_INO,
+    NAME_MAX,
+    ROOT_INO,
+    Databases,
+    Inode,
+    block_key,
+    dirent_key,
+    from_u64,
+    u64,
+    xattr_key,
+)
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong(name[:40])
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise NotFound(name)
+
+
+class FsState:
+    __slots__ = ("txn", "db")
+
+    def __init__(self, txn: lmdb.Transaction, db: Databases) -> None:
+        self.txn = txn
+        self.db = db
+
+    # --- inodes ---------------------------------------------------------------------
+    def inode(self, ino: int) -> Inode:
+        raw = self.txn.get(u64(ino), db=self.db.inodes)
+        if raw is None:
+            raise NotFound(f"inode {ino}")
+        return Inode.unpack(raw)
+
+    def put_inode(self, ino: int, inode: Inode) -> None:
+        self.txn.put(u64(ino), inode.pack(), db=self.db.inodes)
+
+    def next_ino(self) -> int:
+        raw = self.txn.get(META_NEXT_INO, db=self.db.meta)
+        return from_u64(raw) if raw else ROOT_INO + 1
+
+    def directory(self, ino: int) -> Inode:
+        node = self.inode(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise NotADirectory(f"inode {ino}")
+        return node
+
+    # --- names ----------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> int:
+        raw = self.txn.get(dirent_key(parent, name), db=self.db.dirents)
+        if raw is None:
+            raise NotFound(name)
+        return from_u64(raw)
+
+    def find(self, parent: int, name: bytes) -> int | None:
+        raw = self.txn.get(dirent_key(parent, name), db=self.db.dirents)
+        return None if raw is None else from_u64(raw)
+
+    def resolve(self, path: bytes) -> int:
+        """Walk `path` (absolute, '/'-separated) from the root to an inode number."""
+        ino = ROOT_INO
+        for name in path.split(b"/"):
+            if not name:
+                continue
+            if len(name) > NAME_MAX:
+                raise NameTooLong(name[:40])
+            raw = self.txn.get(dirent_key(ino, name), db=self.db.dirents)
+            if raw is None:
+                if self.txn.get(u64(ino), db=self.db.inodes) is not None:
+                    self.directory(ino)  # ENOTDIR beats ENOENT when a component is a file
+                raise NotFound(path)
+            ino = from_u64(raw)
+        return ino
+
+    def entries(self, parent: int, after: bytes | None = None) -> Iterator[tuple[bytes, int]]:
+        """(name, ino) of a directory in name order, optionally starting after a name."""
+        prefix = u64(parent)
+        cursor = self.txn.cursor(db=self.db.dirents)
+        start = prefix + after + b"\0" if after is not None else prefix
+        if not cursor.set_range(start):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield key[8:], from_u64(value)
+
+    def is_empty_directory(self, ino: int) -> bool:
+        for _ in self.entries(ino):
+            return False
+        return True
+
+    # --- data -----------------------------------------------------------------------
+    def read(self, ino: int, offset: int, size: int, file_size: int | None = None) -> bytes:
+        if file_size is None:
+            file_size = self.inode(ino).size
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return b""
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        cursor = self.txn.cursor(db=self.db.blocks)
+        parts: list[bytes] = []
+        pos = first * BLOCK_SIZE  # file offset that `parts` reaches
+        if cursor.set_range(block_key(ino, first)):
+            for key, value in cursor:
+                if key[:8] != u64(ino):
+                    break
+                block_no = from_u64(key[8:])
+                if block_no > last:
+                    break
+                block_start = block_no * BLOCK_SIZE
+                if block_start > pos:
+                    parts.append(bytes(block_start - pos))
+                parts.append(value)
+                pos = block_start + len(value)
+        if pos < end:
+            parts.append(bytes(end - pos))
+        data = b"".join(parts)
+        skip = offset - first * BLOCK_SIZE
+        return data[skip:skip + end - offset]
+
+    def blocks(self, ino: int) -> Iterator[tuple[int, bytes]]:
+        prefix = u64(ino)
+        cursor = self.txn.cursor(db=self.db.blocks)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield from_u64(key[8:]), value
+
+    def readlink(self, ino: int) -> bytes:
+        raw = self.txn.get(u64(ino), db=self.db.symlinks)
+        if raw is None:
+            raise NotFound(f"symlink {ino}")
+        return raw
+
+    # --- xattrs ---------------------------------------------------------------------
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        raw = self.txn.get(xattr_key(ino, name), db=self.db.xattrs)
+        if raw is None:
+            raise NoSuchAttribute(name)
+        return raw
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        prefix = u64(ino)
+        cursor = self.txn.cursor(db=self.db.xattrs)
+        names = []
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                names.append(key[8:])
+        return names

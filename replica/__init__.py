@@ -1,0 +1,1 @@
+"""Shipping the journal to standbys over ZeroMQ; promotion and fencing."""
