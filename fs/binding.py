@@ -1,0 +1,69 @@
+"""The FUSE binding: mfusepy (libfuse3) by default, fusepy (libfuse2) on request.
+
+Both speak the fusepy API. `TANDEMFS_FUSE=fusepy` selects the libfuse2 binding; the
+README's benchmark section says why libfuse3 is the default. The `FUSE` subclass here
+fixes two places where the bindings lose information the filesystem needs: rename flags
+(RENAME_NOREPLACE / RENAME_EXCHANGE, libfuse3 only) and the UTIME_NOW / UTIME_OMIT
+markers of utimensat, whose tv_sec libfuse leaves uninitialised.
+"""
+
+from __future__ import annotations
+
+import os
+
+NAME = os.environ.get("TANDEMFS_FUSE", "mfusepy")
+
+if NAME == "fusepy":
+    import fuse as _binding
+elif NAME == "mfusepy":
+    # mfusepy looks for libfuse2 first; tandemfs wants libfuse3 where it is installed.
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    import mfusepy as _binding
+else:  # pragma: no cover - a configuration error, reported at start
+    raise ImportError(f"TANDEMFS_FUSE must be 'mfusepy' or 'fusepy', not {NAME!r}")
+
+FuseOSError = _binding.FuseOSError
+Operations = _binding.Operations
+fuse_get_context = _binding.fuse_get_context
+LIBFUSE_MAJOR = getattr(_binding, "fuse_version_major", 2)
+
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+#: Markers in the `times` tuple handed to Operations.utimens.
+UTIME_NOW = "now"
+UTIME_OMIT = "omit"
+
+
+def _timespec(ts: object) -> int | str:
+    nsec = ts.tv_nsec  # type: ignore[attr-defined]
+    if nsec == _UTIME_NOW:
+        return UTIME_NOW
+    if nsec == _UTIME_OMIT:
+        return UTIME_OMIT
+    return ts.tv_sec * 1_000_000_000 + nsec  # type: ignore[attr-defined]
+
+
+def _times(buf: object) -> tuple[int | str, int | str] | None:
+    if not buf:
+        return None
+    return _timespec(buf.contents.actime), _timespec(buf.contents.modtime)  # type: ignore[attr-defined]
+
+
+class FUSE(_binding.FUSE):
+    if NAME == "mfusepy":
+
+        def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+            return self.operations.rename(
+                old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags)
+
+        def utimens_fuse_2(self, path: bytes | None, buf: object) -> int:
+            return self.operations.utimens(
+                None if path is None else path.decode(self.encoding, self.errors), _times(buf))
+
+        def utimens_fuse_3(self, path: bytes | None, buf: object, fip: object) -> int:
+            return self.utimens_fuse_2(path, buf)
+
+    else:
+
+        def utimens(self, path: bytes, buf: object) -> int:
+            return self.operations("utimens", path.decode(self.encoding), _times(buf))

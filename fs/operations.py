@@ -1,0 +1,338 @@
+"""The FUSE operations class: resolve paths, build operations, serve reads.
+
+Thin on purpose. Every decision that changes state (inode numbers, times, owners,
+resolved parents) is made here and written into an operation; the store applies it.
+File handles are inode numbers, so a file renamed or unlinked while open keeps working.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from journal import ops
+from journal.errors import NameTooLong, ReadOnly
+from journal.schema import BLOCK_SIZE, NAME_MAX, ROOT_INO
+from journal.state import FsState
+from journal.store import Store
+
+from .binding import UTIME_NOW, UTIME_OMIT, FuseOSError, Operations, fuse_get_context
+from .errors import fuse_errors
+
+log = logging.getLogger(__name__)
+
+#: Called after a local fsync with the seq that must be replicated before fsync returns.
+FsyncHook = Callable[[int], None]
+
+
+def _split(path: str) -> tuple[bytes, bytes]:
+    raw = os.fsencode(path)
+    parent, _, name = raw.rstrip(b"/").rpartition(b"/")
+    if len(name) > NAME_MAX:
+        raise NameTooLong(name[:40])
+    return parent or b"/", name
+
+
+class TandemFS(Operations):
+    use_ns = True  # nanosecond timestamps in getattr and utimens
+
+    def __init__(self, store: Store, fsync_hook: FsyncHook | None = None) -> None:
+        self.store = store
+        self.fsync_hook = fsync_hook
+        self._ino_lock = threading.Lock()
+        with store.reader() as st:
+            self._next_ino = st.next_ino()
+
+    # --- helpers --------------------------------------------------------------------
+    def _allocate_ino(self) -> int:
+        with self._ino_lock:
+            with self.store.reader() as st:
+                # A standby promoted under a live mount has allocated nothing here.
+                self._next_ino = max(self._next_ino, st.next_ino())
+            ino = self._next_ino
+            self._next_ino += 1
+            return ino
+
+    def _commit(self, op: ops.Op) -> int:
+        if self.store.read_only_reason:
+            raise ReadOnly(self.store.read_only_reason)
+        return self.store.commit(op)
+
+    def _resolve(self, path: str) -> int:
+        with self.store.reader() as st:
+            return st.resolve(os.fsencode(path))
+
+    def _parent(self, st: FsState, path: str) -> tuple[int, bytes, int]:
+        """(parent ino, name, gid for a new entry) of a path whose last part is new."""
+        parent_path, name = _split(path)
+        parent = st.resolve(parent_path)
+        node = st.directory(parent)
+        uid, gid, _pid = fuse_get_context()
+        if node.mode & stat.S_ISGID:
+            gid = node.gid
+        return parent, name, gid
+
+    @staticmethod
+    def _attrs(ino: int, node: Any) -> dict[str, int]:
+        return {
+            "st_ino": ino,
+            "st_mode": node.mode,
+            "st_nlink": node.nlink,
+            "st_uid": node.uid,
+            "st_gid": node.gid,
+            "st_rdev": node.rdev,
+            "st_size": node.size,
+            "st_blocks": (node.size + 511) // 512,
+            "st_blksize": BLOCK_SIZE,
+            "st_atime": node.atime_ns,
+            "st_mtime": node.mtime_ns,
+            "st_ctime": node.ctime_ns,
+        }
+
+    def _make(self, path: str, mode: int, rdev: int = 0) -> int:
+        with self.store.reader() as st:
+            parent, name, gid = self._parent(st, path)
+            parent_mode = st.inode(parent).mode
+        uid = fuse_get_context()[0]
+        if stat.S_ISDIR(mode) and parent_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID
+        ino = self._allocate_ino()
+        self._commit(ops.MakeNode(parent=parent, ino=ino, mode=mode, rdev=rdev, uid=uid, gid=gid,
+                                  time_ns=time.time_ns(), name=name))
+        return ino
+
+    # --- attributes and names -------------------------------------------------------
+    @fuse_errors
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        with self.store.reader() as st:
+            ino = fh if fh else st.resolve(os.fsencode(path))
+            return self._attrs(ino, st.inode(ino))
+
+    @fuse_errors
+    def access(self, path: str, amode: int) -> int:
+        self._resolve(path)  # the kernel checks permissions (default_permissions)
+        return 0
+
+    @fuse_errors
+    def opendir(self, path: str) -> int:
+        with self.store.reader() as st:
+            ino = st.resolve(os.fsencode(path))
+            st.directory(ino)
+            return ino
+
+    @fuse_errors
+    def readdir(self, path: str, fh: int) -> list[Any]:
+        with self.store.reader() as st:
+            ino = fh or st.resolve(os.fsencode(path))
+            node = st.directory(ino)
+            entries: list[Any] = [
+                (".", {"st_ino": ino, "st_mode": node.mode}, 0),
+                ("..", {"st_ino": node.parent or ROOT_INO, "st_mode": stat.S_IFDIR}, 0),
+            ]
+            for name, child in st.entries(ino):
+                try:
+                    mode = st.inode(child).mode
+                except Exception:  # listed, but fsck's problem: show it, don't fail the listing
+                    mode = 0
+                entries.append((os.fsdecode(name), {"st_ino": child, "st_mode": mode}, 0))
+            return entries
+
+    @fuse_errors
+    def releasedir(self, path: str, fh: int) -> int:
+        return 0
+
+    @fuse_errors
+    def readlink(self, path: str) -> str:
+        with self.store.reader() as st:
+            return os.fsdecode(st.readlink(st.resolve(os.fsencode(path))))
+
+    @fuse_errors
+    def mkdir(self, path: str, mode: int) -> int:
+        self._make(path, stat.S_IFDIR | (mode & 0o7777))
+        return 0
+
+    @fuse_errors
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise FuseOSError(errno.EINVAL)
+        self._make(path, mode, dev)
+        return 0
+
+    @fuse_errors
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        return self._make(path, stat.S_IFREG | (mode & 0o7777))
+
+    @fuse_errors
+    def symlink(self, target: str, source: str) -> int:
+        """`target` is the new link's path, `source` what it points to (ln -s source target)."""
+        with self.store.reader() as st:
+            parent, name, gid = self._parent(st, target)
+        uid = fuse_get_context()[0]
+        self._commit(ops.Symlink(parent=parent, ino=self._allocate_ino(), uid=uid, gid=gid,
+                                 time_ns=time.time_ns(), name=name, target=os.fsencode(source)))
+        return 0
+
+    @fuse_errors
+    def link(self, target: str, source: str) -> int:
+        """`target` is the new name, `source` the existing file (ln source target)."""
+        with self.store.reader() as st:
+            ino = st.resolve(os.fsencode(source))
+            parent, name, _gid = self._parent(st, target)
+        self._commit(ops.Link(ino=ino, parent=parent, time_ns=time.time_ns(), name=name))
+        return 0
+
+    @fuse_errors
+    def unlink(self, path: str) -> int:
+        parent_path, name = _split(path)
+        parent = self._resolve(os.fsdecode(parent_path))
+        self._commit(ops.Unlink(parent=parent, time_ns=time.time_ns(), name=name))
+        return 0
+
+    @fuse_errors
+    def rmdir(self, path: str) -> int:
+        parent_path, name = _split(path)
+        parent = self._resolve(os.fsdecode(parent_path))
+        self._commit(ops.Rmdir(parent=parent, time_ns=time.time_ns(), name=name))
+        return 0
+
+    @fuse_errors
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        old_parent_path, old_name = _split(old)
+        new_parent_path, new_name = _split(new)
+        with self.store.reader() as st:
+            old_parent = st.resolve(old_parent_path)
+            new_parent = st.resolve(new_parent_path)
+        self._commit(ops.Rename(old_parent=old_parent, new_parent=new_parent, flags=flags,
+                                time_ns=time.time_ns(), old_name=old_name, new_name=new_name))
+        return 0
+
+    @fuse_errors
+    def chmod(self, path: str, mode: int) -> int:
+        ino = self._resolve(path)
+        self._commit(ops.SetAttr(ino=ino, fields=ops.SET_MODE, mode=mode, uid=0, gid=0,
+                                 atime_ns=0, mtime_ns=0, time_ns=time.time_ns()))
+        return 0
+
+    @fuse_errors
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        fields = (ops.SET_UID if uid != -1 else 0) | (ops.SET_GID if gid != -1 else 0)
+        ino = self._resolve(path)
+        if fields:
+            self._commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=max(uid, 0), gid=max(gid, 0),
+                                     atime_ns=0, mtime_ns=0, time_ns=time.time_ns()))
+        return 0
+
+    @fuse_errors
+    def utimens(self, path: str, times: tuple[Any, Any] | None = None) -> int:
+        ino = self._resolve(path)
+        now = time.time_ns()
+        atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
+        fields = 0
+        values = {}
+        for bit, key, value in ((ops.SET_ATIME, "atime_ns", atime), (ops.SET_MTIME, "mtime_ns", mtime)):
+            if value == UTIME_OMIT:
+                values[key] = 0
+                continue
+            fields |= bit
+            values[key] = now if value == UTIME_NOW else int(value)
+        if fields:
+            self._commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=0, gid=0, time_ns=now, **values))
+        return 0
+
+    # --- file data ------------------------------------------------------------------
+    @fuse_errors
+    def open(self, path: str, flags: int) -> int:
+        return self._resolve(path)
+
+    @fuse_errors
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        with self.store.reader() as st:
+            return st.read(fh or st.resolve(os.fsencode(path)), offset, size)
+
+    @fuse_errors
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        ino = fh or self._resolve(path)
+        self._commit(ops.Write(ino=ino, offset=offset, time_ns=time.time_ns(), data=data))
+        return len(data)
+
+    @fuse_errors
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        ino = fh or self._resolve(path)
+        self._commit(ops.Truncate(ino=ino, size=length, time_ns=time.time_ns()))
+        return 0
+
+    @fuse_errors
+    def flush(self, path: str, fh: int) -> int:
+        return 0
+
+    @fuse_errors
+    def release(self, path: str, fh: int) -> int:
+        return 0
+
+    @fuse_errors
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        self._durable()
+        return 0
+
+    @fuse_errors
+    def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+        self._durable()
+        return 0
+
+    def _durable(self) -> None:
+        """Everything committed so far is on disk (and, if replicated, acknowledged)."""
+        seq = self.store.last_seq
+        self.store.sync()
+        if self.fsync_hook is not None:
+            self.fsync_hook(seq)
+
+    @fuse_errors
+    def statfs(self, path: str) -> dict[str, int]:
+        bsize = BLOCK_SIZE
+        total = self.store.max_size // bsize
+        free = max(0, (self.store.max_size - self.store.used_bytes()) // bsize)
+        inodes = self.store.counts()["inodes"]
+        max_files = max(inodes, self.store.max_size // 4096)
+        return {
+            "f_bsize": bsize, "f_frsize": bsize, "f_blocks": total, "f_bfree": free,
+            "f_bavail": free, "f_files": max_files, "f_ffree": max_files - inodes,
+            "f_favail": max_files - inodes, "f_namemax": NAME_MAX,
+        }
+
+    # --- extended attributes --------------------------------------------------------
+    @fuse_errors
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        with self.store.reader() as st:
+            return st.getxattr(st.resolve(os.fsencode(path)), os.fsencode(name))
+
+    @fuse_errors
+    def listxattr(self, path: str) -> list[str]:
+        with self.store.reader() as st:
+            return [os.fsdecode(n) for n in st.listxattr(st.resolve(os.fsencode(path)))]
+
+    @fuse_errors
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        ino = self._resolve(path)
+        self._commit(ops.SetXattr(ino=ino, flags=options, time_ns=time.time_ns(),
+                                  name=os.fsencode(name), value=value))
+        return 0
+
+    @fuse_errors
+    def removexattr(self, path: str, name: str) -> int:
+        ino = self._resolve(path)
+        self._commit(ops.RemoveXattr(ino=ino, time_ns=time.time_ns(), name=os.fsencode(name)))
+        return 0
+
+    # Not for this filesystem: answered explicitly, never ENOSYS (which would disable
+    # the call for the whole mount).
+    @fuse_errors
+    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
+        raise FuseOSError(errno.EOPNOTSUPP)
