@@ -117,6 +117,8 @@ class TandemFS(Operations):
     @fuse_errors
     def access(self, path: str, amode: int) -> int:
         self._resolve(path)  # the kernel checks permissions (default_permissions)
+        if amode & os.W_OK and self.store.read_only_reason:
+            raise ReadOnly(self.store.read_only_reason)
         return 0
 
     @fuse_errors
@@ -250,7 +252,10 @@ class TandemFS(Operations):
     # --- file data ------------------------------------------------------------------
     @fuse_errors
     def open(self, path: str, flags: int) -> int:
-        return self._resolve(path)
+        ino = self._resolve(path)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) and self.store.read_only_reason:
+            raise ReadOnly(self.store.read_only_reason)
+        return ino
 
     @fuse_errors
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
