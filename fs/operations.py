@@ -27,6 +27,8 @@ from .errors import fuse_errors
 
 log = logging.getLogger(__name__)
 
+POSIX_ACL_PREFIX = "system.posix_acl_"
+
 #: Called after a local fsync with the seq that must be replicated before fsync returns.
 FsyncHook = Callable[[int], None]
 
@@ -325,6 +327,11 @@ class TandemFS(Operations):
 
     @fuse_errors
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        if name.startswith(POSIX_ACL_PREFIX):
+            # Stored as plain bytes an ACL would not govern access, and cp -a, which sets the
+            # mode through an ACL where one is accepted, would lose permissions: refuse it, so
+            # tools fall back to chmod.
+            raise FuseOSError(errno.EOPNOTSUPP)
         ino = self._resolve(path)
         self._commit(ops.SetXattr(ino=ino, flags=options, time_ns=time.time_ns(),
                                   name=os.fsencode(name), value=value))
