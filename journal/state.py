@@ -116,9 +116,10 @@ class FsState:
         cursor = self.txn.cursor(db=self.db.blocks)
         parts: list[bytes] = []
         pos = first * BLOCK_SIZE  # file offset that `parts` reaches
+        prefix = u64(ino)
         if cursor.set_range(block_key(ino, first)):
             for key, value in cursor:
-                if key[:8] != u64(ino):
+                if key[:8] != prefix:
                     break
                 block_no = from_u64(key[8:])
                 if block_no > last:
