@@ -276,6 +276,8 @@ def _write(state: FsState, op: ops.Write) -> None:
     end = op.offset + len(op.data)
     if op.offset < 0 or end > MAX_FILE_SIZE:
         raise FileTooLarge(f"write to {end}")
+    if not op.data:
+        return  # POSIX: writing nothing to a regular file has no other result (no size, no times)
     txn, blocks = state.txn, state.db.blocks
     data = memoryview(op.data)
     pos = op.offset

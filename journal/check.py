@@ -1,0 +1,386 @@
+"""Checks of a store: the consistency checker, the state digest and the replayer.
+
+`apply` promises that every op either leaves the schema's invariants (schema.py) intact
+or raises and leaves nothing behind. `fsck` is the independent judge of that promise:
+it reads the whole store in one read transaction and reports every invariant that does
+not hold, so the tests can run it after each test and an operator can run it on a node's
+data directory. It is linear in the size of the store (cursor scans and dicts of counts),
+because the stores it must judge hold hundreds of thousands of inodes.
+
+`digest` condenses the replicated filesystem state into one hash, so two nodes can be
+compared without shipping their data: equal digests at equal seqs mean equal state.
+
+`replay` rebuilds a store from nothing but a journal. Since `apply` is deterministic, the
+rebuilt state must have the same digest as the source; the tests rely on that, and an
+operator can use it to recover a store whose state databases are damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import lmdb
+
+from .errors import CorruptRecord, StoreError
+from .records import decode_record
+from .schema import (
+    BLOCK_SIZE,
+    FORMAT_VERSION,
+    META_CLUSTER_ID,
+    META_EPOCH,
+    META_EPOCH_HISTORY,
+    META_FORMAT,
+    META_LAST_SEQ,
+    META_NEXT_INO,
+    NAME_MAX,
+    ROOT_INO,
+    STATE_DBS,
+    Databases,
+    Inode,
+    from_u64,
+)
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+Txn = lmdb.Transaction
+
+#: Records fed to `Store.apply_records` per transaction by `replay`.
+REPLAY_BATCH = 512
+
+_U64 = struct.Struct(">Q")
+_PAIR = struct.Struct(">QQ")
+
+
+@dataclass(slots=True)
+class _Node:
+    """What the checker keeps of one inode."""
+
+    mode: int
+    nlink: int
+    size: int
+    parent: int
+    names: int = 0  # dirents naming it
+    subdirs: int = 0  # dirents in it naming a directory
+    named_in: int = 0  # for a directory: the parent of (one of) the dirents naming it
+
+
+Nodes = dict[int, _Node]
+
+
+def _u64_or_none(raw: bytes | None) -> int | None:
+    if raw is None or len(raw) != _U64.size:
+        return None
+    return _U64.unpack(raw)[0]
+
+
+def fsck(store: Store) -> list[str]:
+    """Every violated invariant of `store`, as human-readable lines; empty when clean.
+
+    Safe on a live store: it reads one snapshot, and holds the environment in place
+    against a checkpoint swap meanwhile."""
+    problems: list[str] = []
+    with store.shared(), store.env.begin() as txn:
+        db = store.db
+        nodes = _check_inodes(txn, db, problems)
+        _check_dirents(txn, db, nodes, problems)
+        _check_links(nodes, problems)
+        _check_blocks(txn, db, nodes, problems)
+        _check_symlinks(txn, db, nodes, problems)
+        _check_xattrs(txn, db, nodes, problems)
+        cluster_id = _check_meta(txn, db, nodes, problems)
+        _check_journal(txn, db, cluster_id, problems)
+    if problems:
+        log.warning("fsck of %s found %d problems", store.path, len(problems))
+    return problems
+
+
+def _check_inodes(txn: Txn, db: Databases, problems: list[str]) -> Nodes:
+    nodes: Nodes = {}
+    for key, value in txn.cursor(db=db.inodes):
+        ino = _u64_or_none(key)
+        if ino is None:
+            problems.append(f"inodes: malformed key {bytes(key).hex()}")
+            continue
+        try:
+            inode = Inode.unpack(value)
+        except struct.error:
+            problems.append(f"inode {ino}: malformed value of {len(value)} bytes")
+            continue
+        nodes[ino] = _Node(inode.mode, inode.nlink, inode.size, inode.parent)
+        if stat.S_IFMT(inode.mode) == 0:
+            problems.append(f"inode {ino}: mode {inode.mode:o} has no file type")
+        if not stat.S_ISDIR(inode.mode) and inode.parent != 0:
+            problems.append(f"inode {ino}: non-directory records parent {inode.parent}")
+        if not stat.S_ISREG(inode.mode) and not stat.S_ISLNK(inode.mode) and inode.size != 0:
+            problems.append(f"inode {ino}: size {inode.size} on a {stat.filemode(inode.mode)[0]} inode")
+    root = nodes.get(ROOT_INO)
+    if root is None:
+        if nodes:
+            problems.append("root inode 1 is missing")
+    elif not stat.S_ISDIR(root.mode):
+        problems.append(f"root inode 1 is not a directory (mode {root.mode:o})")
+    elif root.parent != ROOT_INO:
+        problems.append(f"root inode 1 records parent {root.parent}, not itself")
+    return nodes
+
+
+def _valid_name(name: bytes) -> bool:
+    return (0 < len(name) <= NAME_MAX and b"/" not in name and b"\0" not in name
+            and name not in (b".", b".."))
+
+
+def _check_dirents(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
+    for key, value in txn.cursor(db=db.dirents):
+        if len(key) <= _U64.size:
+            problems.append(f"dirents: malformed key {bytes(key).hex()}")
+            continue
+        parent = _U64.unpack_from(key)[0]
+        name = bytes(key[_U64.size:])
+        where = f"dirent {parent}/{name!r}"
+        if not _valid_name(name):
+            problems.append(f"{where}: invalid name")
+        child = _u64_or_none(value)
+        if child is None:
+            problems.append(f"{where}: malformed value {bytes(value).hex()}")
+            continue
+        parent_node = nodes.get(parent)
+        if parent_node is None:
+            problems.append(f"{where}: parent inode does not exist")
+        elif not stat.S_ISDIR(parent_node.mode):
+            problems.append(f"{where}: parent inode is not a directory")
+        node = nodes.get(child)
+        if node is None:
+            problems.append(f"{where}: names missing inode {child}")
+            continue
+        node.names += 1
+        if stat.S_ISDIR(node.mode):
+            node.named_in = parent
+            if parent_node is not None:
+                parent_node.subdirs += 1
+
+
+def _check_links(nodes: Nodes, problems: list[str]) -> None:
+    """nlink, the single name and parent of directories, and reachability from the root."""
+    for ino, node in nodes.items():
+        if stat.S_ISDIR(node.mode):
+            expected = 2 + node.subdirs
+            if ino == ROOT_INO:
+                if node.names:
+                    problems.append(f"root inode 1 is named by {node.names} dirents")
+            elif node.names != 1:
+                problems.append(f"directory {ino} is named by {node.names} dirents, not exactly one")
+            elif node.parent != node.named_in:
+                problems.append(
+                    f"directory {ino} records parent {node.parent} but is named in {node.named_in}")
+        else:
+            expected = node.names
+        if node.nlink != expected:
+            problems.append(f"inode {ino}: nlink {node.nlink}, expected {expected}")
+    # A directory is reachable when the chain of dirents naming it, its parent, and so on
+    # reaches the root; follow each chain once, remembering the verdict for every
+    # directory on it. (A file named inside an unreachable directory is lost with it.)
+    reachable: dict[int, bool] = {ROOT_INO: ROOT_INO in nodes}
+    for ino, node in nodes.items():
+        if not stat.S_ISDIR(node.mode) or ino in reachable:
+            continue
+        chain: list[int] = []
+        on_chain: set[int] = set()
+        cur = ino
+        verdict = False
+        while True:
+            if cur in reachable:
+                verdict = reachable[cur]
+                break
+            cur_node = nodes.get(cur)
+            if cur in on_chain or cur_node is None or cur_node.names != 1 or not stat.S_ISDIR(
+                    cur_node.mode):
+                break  # a cycle, a dangling parent, or a directory not named exactly once
+            chain.append(cur)
+            on_chain.add(cur)
+            cur = cur_node.named_in
+        for member in chain:
+            reachable[member] = verdict
+    for ino, node in nodes.items():
+        if ino == ROOT_INO:
+            continue
+        if stat.S_ISDIR(node.mode):
+            if not reachable.get(ino, False):
+                problems.append(f"directory {ino} is not reachable from the root")
+        elif node.names == 0:
+            problems.append(f"inode {ino} is an orphan: no dirent names it")
+
+
+def _check_blocks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
+    for key, value in txn.cursor(db=db.blocks):
+        if len(key) != _PAIR.size:
+            problems.append(f"blocks: malformed key {bytes(key).hex()}")
+            continue
+        ino, block_no = _PAIR.unpack(key)
+        where = f"block {block_no} of inode {ino}"
+        node = nodes.get(ino)
+        if node is None:
+            problems.append(f"{where}: inode does not exist")
+            continue
+        if not stat.S_ISREG(node.mode):
+            problems.append(f"{where}: inode is not a regular file")
+        if len(value) > BLOCK_SIZE:
+            problems.append(f"{where}: holds {len(value)} bytes, more than a block")
+        start = block_no * BLOCK_SIZE
+        if start >= node.size:
+            problems.append(f"{where}: lies wholly at or past the file size {node.size}")
+        elif start + len(value) > node.size:
+            problems.append(f"{where}: stores {start + len(value) - node.size} bytes past the "
+                            f"file size {node.size}")
+
+
+def _check_symlinks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
+    with_target: set[int] = set()
+    for key, value in txn.cursor(db=db.symlinks):
+        ino = _u64_or_none(key)
+        if ino is None:
+            problems.append(f"symlinks: malformed key {bytes(key).hex()}")
+            continue
+        with_target.add(ino)
+        node = nodes.get(ino)
+        if node is None:
+            problems.append(f"symlink target of inode {ino}: inode does not exist")
+        elif not stat.S_ISLNK(node.mode):
+            problems.append(f"symlink target of inode {ino}: inode is not a symlink")
+        elif len(value) != node.size:
+            problems.append(f"symlink {ino}: target of {len(value)} bytes but size {node.size}")
+    for ino, node in nodes.items():
+        if stat.S_ISLNK(node.mode) and ino not in with_target:
+            problems.append(f"symlink {ino} has no target")
+
+
+def _check_xattrs(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
+    for key in txn.cursor(db=db.xattrs).iternext(keys=True, values=False):
+        if len(key) <= _U64.size:
+            problems.append(f"xattrs: malformed key {bytes(key).hex()}")
+            continue
+        ino = _U64.unpack_from(key)[0]
+        if ino not in nodes:
+            problems.append(f"xattr {bytes(key[_U64.size:])!r} of inode {ino}: inode does not exist")
+
+
+def _check_meta(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> bytes | None:
+    fmt = _u64_or_none(txn.get(META_FORMAT, db=db.meta))
+    if fmt != FORMAT_VERSION:
+        problems.append(f"meta: format {fmt}, expected {FORMAT_VERSION}")
+    cluster_id = txn.get(META_CLUSTER_ID, db=db.meta)
+    if cluster_id is None or len(cluster_id) != 16:
+        problems.append(f"meta: cluster id {cluster_id!r} is not 16 bytes")
+        cluster_id = None
+    raw_next = txn.get(META_NEXT_INO, db=db.meta)
+    next_ino = _u64_or_none(raw_next)
+    if raw_next is not None and next_ino is None:
+        problems.append(f"meta: malformed next_ino {bytes(raw_next).hex()}")
+    elif nodes:
+        highest = max(nodes)
+        if next_ino is None or next_ino <= highest:
+            problems.append(f"meta: next_ino {next_ino} is not above the highest inode {highest}")
+    epoch = _u64_or_none(txn.get(META_EPOCH, db=db.meta))
+    if epoch is None:
+        problems.append("meta: epoch is missing or malformed")
+    raw_history = txn.get(META_EPOCH_HISTORY, db=db.meta)
+    if raw_history is not None and len(raw_history) % _PAIR.size:
+        problems.append(f"meta: epoch history of {len(raw_history)} bytes is not whole pairs")
+    elif raw_history:
+        history = [_PAIR.unpack_from(raw_history, i) for i in range(0, len(raw_history), _PAIR.size)]
+        for (e1, s1), (e2, s2) in zip(history, history[1:], strict=False):
+            if not (e2 > e1 and s2 > s1):
+                problems.append(f"meta: epoch history not ascending: ({e1}, {s1}) then ({e2}, {s2})")
+        if epoch is not None and epoch < max(e for e, _ in history):
+            problems.append(f"meta: epoch {epoch} is below epoch history {history}")
+    if _u64_or_none(txn.get(META_LAST_SEQ, db=db.meta)) is None:
+        problems.append("meta: last_seq is missing or malformed")
+    return None if cluster_id is None else bytes(cluster_id)
+
+
+def _check_journal(txn: Txn, db: Databases, cluster_id: bytes | None, problems: list[str]) -> None:
+    last_seq = _u64_or_none(txn.get(META_LAST_SEQ, db=db.meta))
+    prev_seq: int | None = None
+    prev_epoch = 0
+    for key, value in txn.cursor(db=db.journal):
+        seq = _u64_or_none(key)
+        if seq is None:
+            problems.append(f"journal: malformed key {bytes(key).hex()}")
+            continue
+        if prev_seq is not None and seq != prev_seq + 1:
+            problems.append(f"journal: hole between seq {prev_seq} and {seq}")
+        prev_seq = seq
+        try:
+            record = decode_record(value)
+        except CorruptRecord as exc:
+            problems.append(f"journal record {seq}: {exc}")
+            continue
+        if cluster_id is not None and record.cluster_id != cluster_id:
+            problems.append(f"journal record {seq}: cluster id {record.cluster_id.hex()} is not the "
+                            f"store's {cluster_id.hex()}")
+        if record.seq != seq:
+            problems.append(f"journal record {seq}: header says seq {record.seq}")
+        if record.epoch < prev_epoch:
+            problems.append(f"journal record {seq}: epoch {record.epoch} after epoch {prev_epoch}")
+        prev_epoch = max(prev_epoch, record.epoch)
+    if prev_seq is not None and last_seq is not None and prev_seq != last_seq:
+        problems.append(f"journal: last record is seq {prev_seq} but meta last_seq is {last_seq}")
+
+
+def digest(store: Store) -> tuple[str, int]:
+    """(SHA-256 hex digest of the filesystem state, last_seq), read in one transaction.
+
+    Covers the cluster id and every database of schema.STATE_DBS in cursor order; not
+    the journal, nor meta that is local to a node (epoch, role, sizes, seqs). Each
+    database contributes its length-prefixed name and entry count, then each entry its
+    length-prefixed key and value, so no two different states hash the same bytes.
+    """
+    h = hashlib.sha256()
+    with store.shared(), store.env.begin() as txn:
+        handles = dict(store.db.state())
+        cluster_id = bytes(txn.get(META_CLUSTER_ID, db=store.db.meta) or b"")
+        last_seq = from_u64(txn.get(META_LAST_SEQ, db=store.db.meta) or bytes(8))
+        h.update(_U64.pack(len(cluster_id)))
+        h.update(cluster_id)
+        for name in STATE_DBS:
+            handle = handles[name]
+            h.update(_U64.pack(len(name)))
+            h.update(name)
+            h.update(_U64.pack(txn.stat(handle)["entries"]))
+            for key, value in txn.cursor(db=handle):
+                h.update(_U64.pack(len(key)))
+                h.update(key)
+                h.update(_U64.pack(len(value)))
+                h.update(value)
+    return h.hexdigest(), last_seq
+
+
+def replay(source: Store, dest_path: str | os.PathLike, batch: int = REPLAY_BATCH) -> Store:
+    """A new store at `dest_path` built by applying every record of `source`'s journal.
+
+    The new store has the source's cluster id and no Init of its own: its seq 1 is the
+    source's. The source's journal must still begin at seq 1.
+    """
+    first = source.first_seq()
+    if first != 1:
+        raise StoreError(f"{source.path}: journal begins at seq {first}, not 1; cannot replay")
+    dest = Store.create(dest_path, max_size=source.max_size, cluster_id=source.cluster_id, init=False)
+    try:
+        start = 1
+        while True:
+            raws = [raw for _seq, raw in source.records(start, start + batch)]
+            if not raws:
+                break
+            dest.apply_records(raws)
+            start += len(raws)
+        dest.sync()
+    except BaseException:
+        dest.close()
+        raise
+    log.info("replayed %d records of %s into %s", dest.last_seq, source.path, dest.path)
+    return dest
