@@ -8,6 +8,12 @@ full, leaves nothing behind while the rest of its group still commits.
 Commits are not flushed to disk one by one: the state and journal reach the page cache
 at commit, which survives the death of the process (SIGKILL) but not of the machine.
 `sync()` makes everything committed so far durable; fsync and fdatasync call it.
+
+A standby that fell too far behind replaces its whole environment with a checkpoint of
+the primary's (`replace_with`), possibly under a live read-only mount. Every read path
+of the store therefore holds a shared lock on the environment for the length of one
+short transaction, and the swap takes it exclusively: a reader sees the old state or
+the new one, never a closed environment.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from .errors import (
 )
 from .records import decode_record, encode_record, peek_header
 from .schema import (
+    BLOCK_SIZE,
     DB_JOURNAL,
+    DB_META,
     FORMAT_VERSION,
     META_CHECKPOINT_SEQ,
     META_CLUSTER_ID,
@@ -66,6 +74,97 @@ GROUP_BYTES = 8 << 20
 META_MAX_SIZE = b"max_size"
 
 CommitListener = Callable[[list[tuple[int, bytes]]], None]
+
+
+class EnvLock:
+    """A readers-writer lock guarding which LMDB environment the store has open.
+
+    Readers are many and short (one FUSE call's transaction); the writer is rare (a
+    snapshot swap) and is preferred, so a stream of readers cannot starve it. A thread
+    that already holds the shared side may take it again without blocking, so a read
+    path that calls another read path cannot deadlock against a waiting writer.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._local.depth = depth
+            return
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        self._local.depth = 1
+        try:
+            yield
+        finally:
+            self._local.depth = 0
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def inspect_environment(path: str | os.PathLike) -> tuple[bytes, int, int]:
+    """(cluster id, last seq, epoch) of the store environment in directory `path`, which
+    must not be open elsewhere in this process; raises StoreError if it is not a store."""
+    try:
+        with lmdb.open(str(path), max_dbs=16, readonly=True, lock=False, subdir=True) as env:
+            meta = env.open_db(DB_META, create=False)
+            with env.begin() as txn:
+                fmt = txn.get(META_FORMAT, db=meta)
+                cluster_id = txn.get(META_CLUSTER_ID, db=meta)
+                last_seq = txn.get(META_LAST_SEQ, db=meta)
+                epoch = txn.get(META_EPOCH, db=meta)
+    except lmdb.Error as exc:
+        raise StoreError(f"{path}: not a readable store: {exc}") from exc
+    if fmt is None or from_u64(fmt) != FORMAT_VERSION or cluster_id is None or last_seq is None:
+        raise StoreError(f"{path}: not a tandemfs store of format {FORMAT_VERSION}")
+    return bytes(cluster_id), from_u64(last_seq), from_u64(epoch) if epoch else 1
+
+
+def split_write(op: ops.Op) -> list[ops.Op]:
+    """A write as block-aligned writes of at most one block each; any other op alone."""
+    if not isinstance(op, ops.Write) or op.offset % BLOCK_SIZE + len(op.data) <= BLOCK_SIZE:
+        return [op]
+    parts = []
+    data = memoryview(op.data)
+    pos = 0
+    while pos < len(data):
+        take = BLOCK_SIZE - (op.offset + pos) % BLOCK_SIZE
+        parts.append(ops.Write(ino=op.ino, offset=op.offset + pos, time_ns=op.time_ns,
+                               data=bytes(data[pos:pos + take])))
+        pos += take
+    return parts
 
 
 def parse_size(text: str) -> int:
@@ -97,6 +196,21 @@ class Store:
         self.path = Path(path)
         if not is_store(self.path):
             raise StoreError(f"{self.path} holds no tandemfs store (run a primary on it to create one)")
+        self._env_lock = EnvLock()
+        self._write_lock = threading.Lock()
+        self._open(max_size, readonly)
+        self.read_only_reason: str | None = "opened read-only" if readonly else None
+        self.listeners: list[CommitListener] = []
+        self.group_commit = group_commit
+        self._queue: queue.SimpleQueue | None = None
+        self._writer: threading.Thread | None = None
+        if group_commit and not readonly:
+            self._queue = queue.SimpleQueue()
+            self._writer = threading.Thread(target=self._group_writer, name="group-commit", daemon=True)
+            self._writer.start()
+
+    def _open(self, max_size: int | None, readonly: bool) -> None:
+        """Open the environment at self.path and load what the store caches of it."""
         self.env = _open_env(self.path, max_size or DEFAULT_MAX_SIZE, readonly)
         self.db = Databases(self.env, create=False)
         with self.env.begin() as txn:
@@ -111,17 +225,7 @@ class Store:
         if max_size is not None and not readonly and stored_size != u64(max_size):
             with self.env.begin(write=True) as txn:
                 txn.put(META_MAX_SIZE, u64(max_size), db=self.db.meta)
-        self._write_lock = threading.Lock()
         self._load_position()
-        self.read_only_reason: str | None = "opened read-only" if readonly else None
-        self.listeners: list[CommitListener] = []
-        self.group_commit = group_commit
-        self._queue: queue.SimpleQueue | None = None
-        self._writer: threading.Thread | None = None
-        if group_commit and not readonly:
-            self._queue = queue.SimpleQueue()
-            self._writer = threading.Thread(target=self._group_writer, name="group-commit", daemon=True)
-            self._writer.start()
 
     # --- creation -------------------------------------------------------------------
     @classmethod
@@ -151,6 +255,44 @@ class Store:
             store.sync()
         return store
 
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, checkpoint: str | os.PathLike,
+                        max_size: int | None = None, **kwargs) -> Store:
+        """A store at `path` (holding none yet) made of checkpoint directory `checkpoint`,
+        whose data file is moved into place (same filesystem)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if is_store(path):
+            raise StoreError(f"{path} already holds a store")
+        inspect_environment(checkpoint)
+        _install_data_file(Path(checkpoint), path)
+        return cls(path, max_size=max_size, **kwargs)
+
+    def replace_with(self, checkpoint: str | os.PathLike) -> int:
+        """Swap this open store's environment for checkpoint directory `checkpoint`
+        (its data file is moved into place); returns the new last_seq.
+
+        Writers are excluded by the write lock and readers by the environment lock, so
+        a live mount over this store sees the old state or the new, and nothing between.
+        The checkpoint must belong to this store's cluster. A crash at any point leaves
+        either the old environment or the new one in place, both whole.
+        """
+        cluster_id, seq, _epoch = inspect_environment(checkpoint)
+        if cluster_id != self.cluster_id:
+            raise WrongCluster(f"checkpoint {checkpoint} is of cluster {cluster_id.hex()}, "
+                               f"not {self.cluster_id.hex()}")
+        readonly = self.read_only_reason == "opened read-only"
+        with self._write_lock, self._env_lock.exclusive():
+            old_seq = self.last_seq
+            self.env.close()
+            try:
+                _install_data_file(Path(checkpoint), self.path)
+            finally:
+                # Whether or not the file moved, reopen what is now in place.
+                self._open(self.max_size, readonly)
+        log.info("store %s replaced by checkpoint at seq %d (was at seq %d)", self.path, seq, old_seq)
+        return self.last_seq
+
     def close(self) -> None:
         if self._queue is not None:
             self._queue.put(None)
@@ -177,12 +319,12 @@ class Store:
 
     def first_seq(self) -> int:
         """The oldest retained journal seq (last_seq + 1 when the journal is empty)."""
-        with self.env.begin() as txn:
+        with self._env_lock.shared(), self.env.begin() as txn:
             cursor = txn.cursor(db=self.db.journal)
             return from_u64(cursor.key()) if cursor.first() else self.last_seq + 1
 
     def get_meta(self, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
+        with self._env_lock.shared(), self.env.begin() as txn:
             value = txn.get(key, db=self.db.meta)
             return None if value is None else bytes(value)
 
@@ -198,12 +340,18 @@ class Store:
     # --- reading --------------------------------------------------------------------
     @contextlib.contextmanager
     def reader(self) -> Iterator[FsState]:
-        with self.env.begin() as txn:
+        with self._env_lock.shared(), self.env.begin() as txn:
             yield FsState(txn, self.db)
 
+    def shared(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the environment in place (no snapshot swap) while using `env` directly."""
+        return self._env_lock.shared()
+
     def records(self, start: int, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """Raw journal records with start <= seq < stop, in one read transaction."""
-        with self.env.begin() as txn:
+        """Raw journal records with start <= seq < stop, in one read transaction.
+
+        The environment stays locked while the iterator lives: consume it promptly."""
+        with self._env_lock.shared(), self.env.begin() as txn:
             cursor = txn.cursor(db=self.db.journal)
             if not cursor.set_range(u64(start)):
                 return
@@ -215,27 +363,52 @@ class Store:
 
     # --- writing on the primary -----------------------------------------------------
     def commit(self, op: ops.Op) -> int:
-        """Apply `op` as the next record; returns its seq once committed (not yet synced)."""
+        """Apply `op` as the next record(s); returns the last seq once committed (not synced).
+
+        A write spanning several blocks becomes one record per block, committed in one
+        transaction: no journal value is then larger than a block, so the page runs that
+        deleted blocks free fit later records, and a nearly full store does not refuse a
+        write for want of one large contiguous run.
+        """
         if self.read_only_reason:
             raise ReadOnly(self.read_only_reason)
+        parts = split_write(op)
         if self._queue is not None:
             future: Future = Future()
-            self._queue.put((op, future))
+            self._queue.put((parts, future))
             return future.result()
         with self._write_lock:
-            if self.read_only_reason:
-                raise ReadOnly(self.read_only_reason)
-            seq = self.last_seq + 1
-            raw = encode_record(self.cluster_id, self.epoch, seq, op)
             try:
-                with self.env.begin(write=True) as txn:
-                    apply(FsState(txn, self.db), op)
+                return self._commit_parts(parts)
+            except StoreFull:
+                # LMDB reuses pages freed by a transaction only from the next-but-one on:
+                # after a delete, an empty commit makes that space available. Try once more.
+                self._advance()
+                return self._commit_parts(parts)
+
+    def _commit_parts(self, parts: list[ops.Op]) -> int:
+        if self.read_only_reason:
+            raise ReadOnly(self.read_only_reason)
+        seq = self.last_seq
+        committed = []
+        try:
+            with self.env.begin(write=True) as txn:
+                state = FsState(txn, self.db)
+                for op in parts:
+                    seq += 1
+                    raw = encode_record(self.cluster_id, self.epoch, seq, op)
+                    apply(state, op)
                     self._append(txn, self.epoch, seq, raw)
-            except lmdb.MapFullError as exc:
-                raise StoreFull(f"store is full ({self.max_size} bytes)") from exc
-            self.last_seq = seq
-            self._notify([(seq, raw)])
-            return seq
+                    committed.append((seq, raw))
+        except lmdb.MapFullError as exc:
+            raise StoreFull(f"store is full ({self.max_size} bytes)") from exc
+        self.last_seq = seq
+        self._notify(committed)
+        return seq
+
+    def _advance(self) -> None:
+        with contextlib.suppress(lmdb.MapFullError), self.env.begin(write=True) as txn:
+            txn.put(META_LAST_SEQ, u64(self.last_seq), db=self.db.meta)
 
     def _group_writer(self) -> None:
         assert self._queue is not None
@@ -244,7 +417,7 @@ class Store:
             if item is None:
                 return
             batch = [item]
-            size = len(getattr(item[0], "data", b""))
+            size = sum(len(getattr(op, "data", b"")) for op in item[0])
             while len(batch) < GROUP_LIMIT and size < GROUP_BYTES:
                 try:
                     item = self._queue.get_nowait()
@@ -254,33 +427,37 @@ class Store:
                     self._queue.put(None)
                     break
                 batch.append(item)
-                size += len(getattr(item[0], "data", b""))
+                size += sum(len(getattr(op, "data", b"")) for op in item[0])
             self._commit_group(batch)
 
-    def _commit_group(self, batch: list[tuple[ops.Op, Future]]) -> None:
+    def _commit_group(self, batch: list[tuple[list[ops.Op], Future]]) -> None:
         results: list[tuple[Future, object]] = []
         committed: list[tuple[int, bytes]] = []
         with self._write_lock:
             seq = self.last_seq
             try:
                 with self.env.begin(write=True) as txn:
-                    for op, future in batch:
+                    for parts, future in batch:
                         if self.read_only_reason:
                             results.append((future, ReadOnly(self.read_only_reason)))
                             continue
-                        raw = encode_record(self.cluster_id, self.epoch, seq + 1, op)
+                        mine = []
                         try:
                             with self.env.begin(write=True, parent=txn) as child:
-                                apply(FsState(child, self.db), op)
-                                self._append(child, self.epoch, seq + 1, raw)
+                                state = FsState(child, self.db)
+                                for op in parts:
+                                    raw = encode_record(self.cluster_id, self.epoch, seq + len(mine) + 1, op)
+                                    apply(state, op)
+                                    self._append(child, self.epoch, seq + len(mine) + 1, raw)
+                                    mine.append((seq + len(mine) + 1, raw))
                         except FsError as exc:
                             results.append((future, exc))
                             continue
                         except lmdb.MapFullError:
                             results.append((future, StoreFull(f"store is full ({self.max_size} bytes)")))
                             continue
-                        seq += 1
-                        committed.append((seq, raw))
+                        seq += len(mine)
+                        committed.extend(mine)
                         results.append((future, seq))
             except lmdb.MapFullError:
                 committed = []
@@ -292,6 +469,8 @@ class Store:
             if committed:
                 self.last_seq = seq
                 self._notify(committed)
+            elif any(isinstance(r, StoreFull) for _, r in results):
+                self._advance()
         for future, result in results:
             if isinstance(result, BaseException):
                 future.set_exception(result)
@@ -370,10 +549,11 @@ class Store:
     # --- durability, size, checkpoints, pruning -------------------------------------
     def sync(self) -> None:
         """Make every committed transaction durable on disk."""
-        self.env.sync(True)
+        with self._env_lock.shared():
+            self.env.sync(True)
 
     def used_bytes(self) -> int:
-        with self.env.begin() as txn:
+        with self._env_lock.shared(), self.env.begin() as txn:
             pages = 0
             psize = 4096
             for handle in (self.db.meta, self.db.inodes, self.db.dirents, self.db.blocks,
@@ -385,8 +565,14 @@ class Store:
             pages += main["branch_pages"] + main["leaf_pages"] + main["overflow_pages"] + 2
         return pages * psize
 
+    def journal_bytes(self) -> int:
+        """Bytes of pages the journal database occupies."""
+        with self._env_lock.shared(), self.env.begin() as txn:
+            st = txn.stat(self.db.journal)
+        return (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+
     def counts(self) -> dict[str, int]:
-        with self.env.begin() as txn:
+        with self._env_lock.shared(), self.env.begin() as txn:
             return {
                 "inodes": txn.stat(self.db.inodes)["entries"],
                 "journal_records": txn.stat(self.db.journal)["entries"],
@@ -396,11 +582,11 @@ class Store:
         """Write a consistent compact copy of the store into `dest`; returns its seq."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        self.env.copy(str(dest), compact=True)
-        with lmdb.open(str(dest), max_dbs=16, readonly=True, lock=False) as copy:
-            meta = copy.open_db(b"meta", create=False)
-            with copy.begin() as txn:
-                seq = from_u64(txn.get(META_LAST_SEQ, db=meta))
+        with self._env_lock.shared():
+            self.env.copy(str(dest), compact=True)
+        _fsync_file(dest / "data.mdb")
+        _fsync_file(dest)
+        _cluster, seq, _epoch = inspect_environment(dest)
         with self._write_lock, self.env.begin(write=True) as txn:
             txn.put(META_CHECKPOINT_SEQ, u64(seq), db=self.db.meta)
         return seq
@@ -433,4 +619,21 @@ class Store:
         self.read_only_reason = None
 
 
-__all__ = ["Store", "DB_JOURNAL", "parse_size", "is_store", "DEFAULT_MAX_SIZE"]
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install_data_file(source_dir: Path, store_dir: Path) -> None:
+    """Move the data file of environment `source_dir` over `store_dir`'s, durably."""
+    _fsync_file(source_dir / "data.mdb")
+    os.replace(source_dir / "data.mdb", store_dir / "data.mdb")
+    _fsync_file(store_dir)
+
+
+__all__ = [
+    "Store", "EnvLock", "inspect_environment", "DB_JOURNAL", "parse_size", "is_store", "DEFAULT_MAX_SIZE",
+]

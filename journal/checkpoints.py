@@ -1,0 +1,160 @@
+"""Checkpoints of a store and the policy that decides how much journal to keep.
+
+A checkpoint is a consistent compact copy of the environment (`Store.checkpoint`) kept
+in `DATA/checkpoints/SEQ/`, where SEQ is the last seq it contains. It is written into a
+temporary directory and renamed into place, so a directory with a number for a name is
+always a whole checkpoint. Checkpoints bootstrap new or far-behind standbys (streamed by
+the primary as a snapshot) and are the recovery point for backups.
+
+The journal is pruned only below what every known standby has acknowledged and what the
+newest checkpoint covers, so that (a) a standby that is merely behind can fetch the
+records it lacks, and (b) anything pruned can be rebuilt from a checkpoint. A dead
+standby must not hold the journal forever: past a retention bound (records or bytes)
+its acknowledgement stops counting, and when it comes back it re-bootstraps from a
+snapshot. `prune_point` is that rule as a pure function, so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+#: Checkpoints kept; older ones are deleted once a newer one is in place.
+DEFAULT_KEEP = 2
+#: Retention bound: the journal never keeps more records than this for a lagging standby.
+DEFAULT_RETAIN_RECORDS = 1_000_000
+#: ...nor more bytes than this.
+DEFAULT_RETAIN_BYTES = 2 << 30
+#: A periodic checkpoint is taken this often (seconds) when the journal has grown.
+DEFAULT_INTERVAL = 600.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    path: Path
+    #: Wall-clock time the checkpoint was completed (its directory's mtime).
+    time: float
+
+    @property
+    def data_file(self) -> Path:
+        return self.path / "data.mdb"
+
+    def size(self) -> int:
+        return self.data_file.stat().st_size
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    retain_records: int = DEFAULT_RETAIN_RECORDS
+    retain_bytes: int = DEFAULT_RETAIN_BYTES
+
+
+def prune_point(policy: RetentionPolicy, *, first_seq: int, last_seq: int, checkpoint_seq: int,
+                standby_acks: dict[str, int], journal_bytes: int) -> tuple[int, list[str]]:
+    """(seq to prune below, names of standbys given up on) for the current position.
+
+    Records with seq <= checkpoint_seq are covered by the checkpoint; a standby that
+    acknowledged seq n still needs n + 1 onwards. A standby whose need lies further back
+    than the retention bound (in records, or in bytes estimated from the journal's mean
+    record size) no longer holds the journal back. Never prunes past the checkpoint.
+    """
+    below = checkpoint_seq + 1
+    records = max(0, last_seq - first_seq + 1)
+    keep_records = policy.retain_records
+    if records and journal_bytes > policy.retain_bytes:
+        per_record = journal_bytes / records
+        keep_records = min(keep_records, int(policy.retain_bytes / per_record))
+    bound = last_seq + 1 - keep_records  # a need older than this is given up on
+    given_up = []
+    for name, acked in standby_acks.items():
+        need = acked + 1
+        if need < bound:
+            given_up.append(name)
+        else:
+            below = min(below, need)
+    return max(below, first_seq), given_up
+
+
+class Checkpoints:
+    """The checkpoints of one store: taking, listing and expiring them."""
+
+    def __init__(self, store: Store, keep: int = DEFAULT_KEEP) -> None:
+        self.store = store
+        self.root = store.path / CHECKPOINT_DIR
+        self.keep = max(1, keep)
+        self._lock = threading.Lock()  # one checkpoint at a time
+        self._counter = 0
+
+    def list(self) -> list[Checkpoint]:
+        """Complete checkpoints, oldest first."""
+        found = []
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if entry.name.isdigit() and (Path(entry.path) / "data.mdb").exists():
+                found.append(Checkpoint(int(entry.name), Path(entry.path), entry.stat().st_mtime))
+        return sorted(found, key=lambda c: c.seq)
+
+    def newest(self) -> Checkpoint | None:
+        found = self.list()
+        return found[-1] if found else None
+
+    def find(self, seq: int) -> Checkpoint | None:
+        return next((c for c in self.list() if c.seq == seq), None)
+
+    def take(self) -> Checkpoint:
+        """A new checkpoint of the store as it is now (or the newest, if nothing changed)."""
+        with self._lock:
+            newest = self.newest()
+            if newest is not None and newest.seq == self.store.last_seq:
+                return newest
+            self.root.mkdir(exist_ok=True)
+            self._counter += 1
+            tmp = self.root / f".tmp-{os.getpid()}-{self._counter}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            started = time.monotonic()
+            try:
+                seq = self.store.checkpoint(tmp)
+                final = self.root / str(seq)
+                if final.exists():
+                    shutil.rmtree(tmp)
+                else:
+                    os.rename(tmp, final)
+                    _fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            checkpoint = Checkpoint(seq, final, final.stat().st_mtime)
+            log.info("checkpoint at seq %d: %s (%d bytes, %.2f s)", seq, final, checkpoint.size(),
+                     time.monotonic() - started)
+            self._expire()
+            return checkpoint
+
+    def _expire(self) -> None:
+        for old in self.list()[:-self.keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+            log.info("removed old checkpoint %s", old.path)
+        for entry in self.root.glob(".tmp-*"):
+            if not entry.name.startswith(f".tmp-{os.getpid()}-"):
+                shutil.rmtree(entry, ignore_errors=True)  # left by a process that died
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

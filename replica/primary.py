@@ -1,0 +1,558 @@
+"""The primary's side of replication: the record stream, the side channel, and durability.
+
+Two threads, one socket each:
+- the publisher drains the records the store's commit listener enqueued and PUBlishes
+  them in batches, with a heartbeat a few times a second. PUB drops silently at its
+  high-water mark, so the stream is only the fast path; standbys repair gaps below.
+- the side channel (ROUTER) answers standbys: HELLO, FETCH of a range, snapshot transfer
+  in chunks on credit, and ACKs of the seqs a standby has received and made durable.
+
+The commit listener runs inside the store's write lock, so it only appends to a queue.
+
+Durability (DRBD's protocols A/B/C): `async` returns from fsync after the local sync;
+`received` waits until some standby has the records; `durable` until some standby has
+synced them. If no standby answers within the sync timeout, fsync either keeps waiting
+(`block`) or the primary degrades to async (`degrade`) until a standby has caught up
+again; both are logged loudly and shown in status.
+
+Only fsync, fdatasync and fsyncdir wait. close() after write does not: like a local
+filesystem, close promises nothing about durability, and a program that needs the data
+safe calls fsync. Making close wait would charge every small-file write a network round
+trip without giving programs a guarantee they could rely on elsewhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import zmq
+
+from journal.checkpoints import Checkpoint, Checkpoints
+from journal.errors import FsError
+from journal.store import Store
+
+from . import protocol as p
+from .common import (
+    ENV_PUB_SNDHWM,
+    ENV_SNAPSHOT_CHUNK,
+    HEARTBEAT_INTERVAL,
+    PEER_TIMEOUT,
+    DropCounter,
+    Started,
+    env_int,
+    make_socket,
+)
+
+log = logging.getLogger(__name__)
+
+#: A checkpoint further behind the last seq than this is too old to bootstrap from.
+SNAPSHOT_MAX_BEHIND = 50_000
+DEFAULT_CHUNK = 1 << 20
+#: Records fetched per FETCH answer, at most (and MAX_BATCH_BYTES of them).
+FETCH_RECORDS = 2048
+FETCH_BYTES = 4 << 20
+
+
+class ReplicationAborted(FsError):
+    """An fsync that was waiting for a standby gives up because the node is stopping:
+    the data is committed locally but not acknowledged as replicated (EIO)."""
+
+    errno = errno.EIO
+
+
+class Durability(str, Enum):
+    ASYNC = "async"
+    RECEIVED = "received"
+    DURABLE = "durable"
+
+
+class OnStandbyLoss(str, Enum):
+    BLOCK = "block"
+    DEGRADE = "degrade"
+
+
+@dataclass
+class Peer:
+    """A standby the primary has heard from."""
+
+    identity: bytes
+    name: str
+    received: int = 0
+    durable: int = 0
+    epoch: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    fetches: int = 0
+    fetched_records: int = 0
+    snapshot_bytes: int = 0
+
+    def connected(self, now: float) -> bool:
+        return now - self.last_seen < PEER_TIMEOUT
+
+
+def _name_of(identity: bytes) -> str:
+    """A standby's routing id is its name, '#', and a per-process suffix."""
+    return identity.split(b"#", 1)[0].decode(errors="replace") or identity.hex()
+
+
+class PrimaryReplication:
+    """Serves the stream and the side channel of one primary store."""
+
+    def __init__(self, store: Store, checkpoints: Checkpoints, listen: str, control: str,
+                 durability: Durability = Durability.ASYNC, sync_timeout: float = 5.0,
+                 on_standby_loss: OnStandbyLoss = OnStandbyLoss.BLOCK,
+                 request_checkpoint: Callable[[], object] | None = None,
+                 stopping: Callable[[], bool] | None = None) -> None:
+        self.store = store
+        self.checkpoints = checkpoints
+        self.listen = listen
+        self.control = control
+        self.durability = durability
+        self.sync_timeout = sync_timeout
+        self.on_standby_loss = on_standby_loss
+        self._request_checkpoint = request_checkpoint or (lambda: None)
+        #: Polled by a blocked fsync: is the node being stopped (e.g. SIGTERM to the mount)?
+        self._stopping = stopping or (lambda: False)
+        self.drops = DropCounter(log, "side-channel")
+        self._ctx = zmq.Context()
+        self._stop = threading.Event()
+        self._queue: queue.SimpleQueue[list[tuple[int, bytes]] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        # Shared between the side channel (writer) and fsync waiters / status (readers).
+        self._cond = threading.Condition()
+        self._peers: dict[bytes, Peer] = {}
+        self._names: dict[str, int] = {}  # name -> newest received seq, for retention
+        self.degraded = False
+        self.degraded_since: float | None = None
+        self.waiting = 0
+        self.blocked_since: float | None = None
+        self.fsync_waits = 0
+        self.fsync_timeouts = 0
+        self.fenced_by: int | None = None
+        # Publisher state (published seq and when, for lag in seconds).
+        self.published_seq = store.last_seq
+        self._published_times: deque[tuple[int, float]] = deque(maxlen=100_000)
+        self.stream_messages = 0
+        self._snap_files: dict[int, tuple[int, int, float]] = {}  # snap_id -> (fd, size, last use)
+        self._chunk = env_int(ENV_SNAPSHOT_CHUNK, DEFAULT_CHUNK)
+
+    # --- life cycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self.store.listeners.append(self._on_commit)
+        for target, name in ((self._publish_loop, "publisher"), (self._side_loop, "side-channel")):
+            started = Started()
+            thread = threading.Thread(target=target, args=(started,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            try:
+                started.wait()
+            except BaseException:
+                self.stop()
+                raise
+        log.info("replicating: stream on %s, side channel on %s, durability %s (timeout %.1fs, on "
+                 "standby loss: %s)", self.listen, self.control, self.durability.value,
+                 self.sync_timeout, self.on_standby_loss.value)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._on_commit in self.store.listeners:
+            self.store.listeners.remove(self._on_commit)
+        for fd, _size, _used in self._snap_files.values():
+            os.close(fd)
+        self._snap_files.clear()
+        self._ctx.term()
+
+    def _on_commit(self, committed: list[tuple[int, bytes]]) -> None:
+        """Store listener, called inside the write lock: enqueue, nothing else."""
+        self._queue.put(committed)
+
+    # --- the stream -------------------------------------------------------------------
+    def _publish_loop(self, started: Started) -> None:
+        pub = make_socket(self._ctx, zmq.PUB)
+        try:
+            hwm = env_int(ENV_PUB_SNDHWM, 0)
+            if hwm:
+                pub.setsockopt(zmq.SNDHWM, hwm)
+                pub.setsockopt(zmq.SNDBUF, 4096)
+                log.warning("stream high-water mark forced to %d messages (test setting)", hwm)
+            pub.bind(self.listen)
+        except zmq.ZMQError as exc:
+            pub.close()
+            started.fail(exc)
+            return
+        started.ok()
+        next_beat = 0.0
+        try:
+            while not self._stop.is_set():
+                timeout = max(0.0, next_beat - time.monotonic())
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    item = []
+                if item is None:
+                    break
+                pending = list(item)
+                while len(pending) < p.MAX_BATCH_RECORDS:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._stop.set()
+                        break
+                    pending.extend(more)
+                if pending:
+                    self._publish(pub, pending)
+                if time.monotonic() >= next_beat:
+                    self._heartbeat(pub)
+                    next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+        finally:
+            pub.close()
+
+    def _publish(self, pub: zmq.Socket, records: list[tuple[int, bytes]]) -> None:
+        epoch = self.store.epoch
+        start = 0
+        while start < len(records):
+            end, size = start, 0
+            while (end < len(records) and end - start < p.MAX_BATCH_RECORDS
+                   and (size == 0 or size + len(records[end][1]) <= p.MAX_BATCH_BYTES // 2)):
+                size += len(records[end][1])
+                end += 1
+            batch = records[start:end]
+            first_seq = batch[0][0]
+            # A batch must be dense; a hole (never expected) splits it.
+            for i, (seq, _raw) in enumerate(batch):
+                if seq != first_seq + i:
+                    end = start + i
+                    batch = records[start:end]
+                    break
+            frames = p.encode(p.MsgType.RECORDS, self.store.cluster_id, epoch, (first_seq, len(batch)),
+                              [raw for _seq, raw in batch])
+            pub.send_multipart(frames, copy=size < 65536)
+            self.stream_messages += 1
+            self.published_seq = batch[-1][0]
+            self._published_times.append((self.published_seq, time.monotonic()))
+            start = end
+
+    def _heartbeat(self, pub: zmq.Socket) -> None:
+        body = (self.published_seq, time.time_ns(), self.store.first_seq(), self._ack_flags())
+        pub.send_multipart(p.encode(p.MsgType.HEARTBEAT, self.store.cluster_id, self.store.epoch, body))
+
+    def _ack_flags(self) -> int:
+        if self.durability is Durability.DURABLE:
+            return p.ACK_DURABLE
+        if self.durability is Durability.RECEIVED:
+            return p.ACK_RECEIVED
+        return 0
+
+    # --- the side channel -------------------------------------------------------------
+    def _side_loop(self, started: Started) -> None:
+        router = make_socket(self._ctx, zmq.ROUTER)
+        try:
+            router.bind(self.control)
+        except zmq.ZMQError as exc:
+            router.close()
+            started.fail(exc)
+            return
+        started.ok()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    self._expire_snapshot_files()
+                    continue
+                for _ in range(256):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(frames, router.send_multipart)
+        finally:
+            router.close()
+
+    def handle(self, frames: list[bytes], send: Callable[[list[bytes]], None]) -> None:
+        """Handle one message from the ROUTER (identity frame first); never raises."""
+        if len(frames) < 2:
+            self.drops.drop("truncated", "no frames after the identity")
+            return
+        identity, rest = frames[0], frames[1:]
+
+        def reply(type_: p.MsgType, body: tuple, payload: list[bytes] | tuple = ()) -> None:
+            send([identity, *p.encode(type_, self.store.cluster_id, self.store.epoch, body, payload)])
+
+        try:
+            msg = p.decode(rest, p.TO_PRIMARY)
+            if msg.type is p.MsgType.HELLO and msg.cluster_id not in (self.store.cluster_id, p.NO_CLUSTER):
+                reply(p.MsgType.REFUSE, (p.REFUSE_CLUSTER,),
+                      [f"this primary serves cluster {self.store.cluster_id.hex()}; your store is of "
+                       f"cluster {msg.cluster_id.hex()}".encode()])
+                raise p.BadMessage("cluster", f"HELLO from cluster {msg.cluster_id.hex()}")
+            p.check_sender(msg, self.store.cluster_id, self.store.epoch)
+            if msg.epoch > self.store.epoch:
+                self._fence(msg.epoch, _name_of(identity))
+            self._dispatch(identity, msg, reply)
+        except p.BadMessage as exc:
+            self.drops.drop(exc.kind, f"from {identity[:80]!r}: {exc.detail}")
+        except Exception:  # a bug must not take the primary down; it is counted and logged
+            log.exception("side channel failed on a message from %r", identity[:80])
+            self.drops.drop("error", "handler failed")
+
+    def _fence(self, epoch: int, name: str) -> None:
+        """A peer knows a higher epoch: another node has been promoted. Stop writing."""
+        if self.fenced_by is None or epoch > self.fenced_by:
+            self.fenced_by = epoch
+            log.critical("FENCED: standby %s knows epoch %d, above this primary's %d; refusing writes",
+                         name, epoch, self.store.epoch)
+            self.store.make_read_only(f"fenced: a peer knows epoch {epoch} > {self.store.epoch}")
+
+    def _dispatch(self, identity: bytes, msg: p.Message, reply: Callable) -> None:
+        t = msg.type
+        if t is p.MsgType.HELLO:
+            name = msg.payload[0].decode()
+            applied = msg.body.applied_seq
+            if applied > self.store.last_seq and msg.cluster_id != p.NO_CLUSTER:
+                log.warning("standby %s says it applied seq %d, beyond this primary's %d", name, applied,
+                            self.store.last_seq)
+            with self._cond:
+                for other, peer in list(self._peers.items()):
+                    if peer.name == name and other != identity:
+                        del self._peers[other]  # the same standby, restarted
+                peer = self._peers.get(identity) or Peer(identity, name)
+                self._peers[identity] = peer
+                peer.name, peer.received, peer.epoch = name, min(applied, self.store.last_seq), msg.epoch
+                peer.durable = min(peer.durable, peer.received)
+                peer.last_seen = time.monotonic()
+                self._names[name] = peer.received
+                self._cond.notify_all()
+            log.info("standby %s said hello at seq %d (primary at %d)", name, applied, self.store.last_seq)
+            reply(p.MsgType.WELCOME, (self.store.last_seq, self.store.first_seq(), self._ack_flags()))
+            return
+        peer = self._touch(identity, msg.epoch)
+        if t is p.MsgType.ACK:
+            self._ack(peer, msg.body.received, msg.body.durable)
+        elif t is p.MsgType.FETCH:
+            self._fetch(peer, msg.body.start, msg.body.stop, reply)
+        elif t is p.MsgType.SNAP_OPEN:
+            self._snap_open(msg.body.snap_id, reply)
+        elif t is p.MsgType.SNAP_GET:
+            self._snap_get(peer, msg.body, reply)
+
+    def _touch(self, identity: bytes, epoch: int) -> Peer:
+        with self._cond:
+            peer = self._peers.get(identity)
+            if peer is None:
+                peer = Peer(identity, _name_of(identity))
+                self._peers[identity] = peer
+            peer.last_seen = time.monotonic()
+            peer.epoch = epoch
+            return peer
+
+    def _ack(self, peer: Peer, received: int, durable: int) -> None:
+        last = self.store.last_seq
+        if received > last:
+            raise p.BadMessage("bogus", f"ACK of seq {received} beyond the last seq {last}")
+        with self._cond:
+            peer.received, peer.durable = received, durable
+            # Retention counts what the standby has on disk: after a crash of its machine,
+            # records it had only received may be gone and must still be fetchable.
+            self._names[peer.name] = durable
+            if self.degraded and self._acked(peer) >= self.published_seq:
+                self.degraded = False
+                self.degraded_since = None
+                log.warning("REPLICATION RESTORED: standby %s has caught up (seq %d); durability %s "
+                            "again", peer.name, received, self.durability.value)
+            self._cond.notify_all()
+
+    def _fetch(self, peer: Peer, start: int, stop: int, reply: Callable) -> None:
+        first = self.store.first_seq()
+        if start < first:
+            reply(p.MsgType.NOT_RETAINED, (start, first))
+            return
+        raws: list[bytes] = []
+        size = 0
+        with contextlib.closing(self.store.records(start, min(stop, start + FETCH_RECORDS))) as rows:
+            for _seq, raw in rows:
+                raws.append(bytes(raw))
+                size += len(raw)
+                if size >= FETCH_BYTES:
+                    break
+        peer.fetches += 1
+        peer.fetched_records += len(raws)
+        reply(p.MsgType.RECORDS, (start, len(raws)), raws)
+
+    def _snap_open(self, wanted: int, reply: Callable) -> None:
+        if wanted:
+            found = self.checkpoints.find(wanted)
+            if found is not None:
+                reply(p.MsgType.SNAP_INFO, (found.seq, found.size(), self._chunk))
+                return
+        newest = self.checkpoints.newest()
+        if newest is None or self.store.last_seq - newest.seq > SNAPSHOT_MAX_BEHIND \
+                or newest.seq + 1 < self.store.first_seq():
+            self._request_checkpoint()
+            reply(p.MsgType.SNAP_WAIT, (250,))
+            return
+        reply(p.MsgType.SNAP_INFO, (newest.seq, newest.size(), self._chunk))
+
+    def _snap_get(self, peer: Peer, body: p.SnapGet, reply: Callable) -> None:
+        entry = self._snap_files.get(body.snap_id)
+        if entry is None:
+            checkpoint: Checkpoint | None = self.checkpoints.find(body.snap_id)
+            if checkpoint is None:
+                reply(p.MsgType.SNAP_GONE, (body.snap_id,))
+                return
+            try:
+                fd = os.open(checkpoint.data_file, os.O_RDONLY)
+            except FileNotFoundError:
+                reply(p.MsgType.SNAP_GONE, (body.snap_id,))
+                return
+            entry = (fd, os.fstat(fd).st_size, time.monotonic())
+        fd, size, _used = entry
+        self._snap_files[body.snap_id] = (fd, size, time.monotonic())
+        if body.offset >= size:
+            raise p.BadMessage("malformed", f"SNAP_GET at {body.offset} past the end ({size})")
+        data = os.pread(fd, min(body.length, size - body.offset), body.offset)
+        peer.snapshot_bytes += len(data)
+        reply(p.MsgType.SNAP_CHUNK, (body.snap_id, body.offset, zlib.crc32(data)), [data])
+
+    def _expire_snapshot_files(self) -> None:
+        now = time.monotonic()
+        for snap_id, (fd, _size, used) in list(self._snap_files.items()):
+            if now - used > 60:
+                os.close(fd)
+                del self._snap_files[snap_id]
+
+    # --- durability -------------------------------------------------------------------
+    def _acked(self, peer: Peer) -> int:
+        return peer.durable if self.durability is Durability.DURABLE else peer.received
+
+    def _satisfied(self, seq: int) -> bool:
+        now = time.monotonic()
+        return any(self._acked(peer) >= seq for peer in self._peers.values() if peer.connected(now))
+
+    def wait_replicated(self, seq: int) -> None:
+        """The fsync hook: return once `seq` is replicated as the durability mode asks.
+
+        Raises ReplicationAborted if the node stops while the fsync waits (block mode)."""
+        if self.durability is Durability.ASYNC:
+            return
+        with self._cond:
+            self.fsync_waits += 1
+            if self.degraded or self._satisfied(seq):
+                return
+            deadline = time.monotonic() + self.sync_timeout
+            self.waiting += 1
+            warned = aborted = False
+            try:
+                while not self._satisfied(seq):
+                    if self._stop.is_set() or self._stopping():
+                        log.error("fsync of seq %d abandoned unreplicated: the node is stopping", seq)
+                        aborted = True
+                        raise ReplicationAborted(f"seq {seq} not replicated")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        if self.on_standby_loss is OnStandbyLoss.DEGRADE:
+                            self._degrade(seq)
+                            return
+                        if not warned:
+                            warned = True
+                            self.fsync_timeouts += 1
+                            self.blocked_since = self.blocked_since or time.monotonic()
+                            log.error("REPLICATION STALLED: no standby acknowledged seq %d (%s) within "
+                                      "%.1fs; fsync keeps blocking (--on-standby-loss block)", seq,
+                                      self.durability.value, self.sync_timeout)
+                        remaining = 1.0
+                    self._cond.wait(min(remaining, 0.25))
+            finally:
+                self.waiting -= 1
+                if not self.waiting:
+                    if self.blocked_since is not None and not aborted:
+                        log.warning("REPLICATION RESUMED: fsync waits released after %.1fs",
+                                    time.monotonic() - self.blocked_since)
+                    self.blocked_since = None
+
+    def _degrade(self, seq: int) -> None:
+        self.fsync_timeouts += 1
+        if not self.degraded:
+            self.degraded = True
+            self.degraded_since = time.time()
+            log.error("REPLICATION DEGRADED: no standby acknowledged seq %d (%s) within %.1fs; "
+                      "running as async until a standby catches up (--on-standby-loss degrade)",
+                      seq, self.durability.value, self.sync_timeout)
+        self._cond.notify_all()
+
+    # --- what others ask --------------------------------------------------------------
+    def standby_positions(self) -> dict[str, int]:
+        """Known standbys (by name) and the newest seq each has made durable (or, since its
+        hello, holds in its store), for retention."""
+        with self._cond:
+            return dict(self._names)
+
+    def forget(self, names: list[str]) -> None:
+        """Stop holding the journal for these standbys (they fell past the retention bound)."""
+        with self._cond:
+            for name in names:
+                if self._names.pop(name, None) is not None:
+                    log.warning("standby %s fell behind the retention bound; it will need a snapshot",
+                                name)
+
+    def _lag_seconds(self, acked: int, now: float) -> float:
+        if acked >= self.published_seq:
+            return 0.0
+        times = self._published_times
+        i = bisect.bisect_right(times, acked, key=lambda item: item[0])
+        return round(now - times[i][1], 3) if i < len(times) else 0.0
+
+    def status(self) -> dict[str, object]:
+        now = time.monotonic()
+        with self._cond:
+            peers = list(self._peers.values())
+            standbys = [{
+                "name": peer.name,
+                "connected": peer.connected(now),
+                "received_seq": peer.received,
+                "durable_seq": peer.durable,
+                "lag_records": max(0, self.store.last_seq - self._acked(peer)),
+                "lag_seconds": self._lag_seconds(self._acked(peer), now),
+                "last_seen_seconds": round(now - peer.last_seen, 3),
+                "epoch": peer.epoch,
+                "fetches": peer.fetches,
+                "fetched_records": peer.fetched_records,
+                "snapshot_bytes": peer.snapshot_bytes,
+            } for peer in peers]
+            return {
+                "listen": self.listen,
+                "side_channel": self.control,
+                "durability": self.durability.value,
+                "sync_timeout": self.sync_timeout,
+                "on_standby_loss": self.on_standby_loss.value,
+                "degraded": self.degraded,
+                "degraded_since": self.degraded_since,
+                "blocked_fsyncs": self.waiting,
+                "blocked_seconds": round(now - self.blocked_since, 3) if self.blocked_since else 0.0,
+                "fsync_waits": self.fsync_waits,
+                "fsync_timeouts": self.fsync_timeouts,
+                "published_seq": self.published_seq,
+                "stream_messages": self.stream_messages,
+                "standbys": standbys,
+                "known_standbys": dict(self._names),
+                "fenced_by_epoch": self.fenced_by,
+                "dropped": self.drops.snapshot(),
+            }

@@ -1,0 +1,246 @@
+"""A small harness for replication tests: real primary and standby processes on loopback.
+
+Nodes are `python mount.py primary|standby ...` subprocesses with free loopback ports,
+each with its own data directory, mountpoint and log. Every wait has a deadline and
+fails with the node logs attached; teardown always resumes stopped processes, sends
+SIGTERM then SIGKILL, and unmounts (fusermount3 -u, then lazily), pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replica.control import ControlError, NodeNotRunning, request
+
+REPO = Path(__file__).resolve().parent.parent
+MOUNT_PY = REPO / "mount.py"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
+               on_fail: Callable[[], str] | None = None) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{on_fail()}" if on_fail else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def free_port_pair() -> int:
+    """A loopback port P such that P and P+1 are both free (the default side channel)."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of loopback ports")
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MOUNT_PY), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def unmount(mountpoint: Path) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
+
+    def mounted() -> bool:
+        target = os.path.realpath(mountpoint)
+        with open("/proc/self/mounts") as mounts:
+            return any(line.split()[1] == target for line in mounts)
+
+    for _ in range(20):
+        if not mounted():
+            return
+        subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, timeout=30)
+        if mounted():
+            time.sleep(0.1)
+    subprocess.run([tool, "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
+
+
+class Proc:
+    """One node process."""
+
+    def __init__(self, name: str, role: str, data: Path, mount: Path | None, args: list[str],
+                 log: Path, env: dict[str, str] | None, address: str = "") -> None:
+        self.name, self.role, self.data, self.mount = name, role, data, mount
+        self.address = address  # a primary's stream address
+        self.args, self.log_path, self.env = args, log, env
+        self.proc: subprocess.Popen | None = None
+        self.paused = False
+
+    def start(self) -> Proc:
+        environment = {**os.environ, **(self.env or {})}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, str(MOUNT_PY), "-v", *self.args], stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=REPO, env=environment,
+                                         start_new_session=True)
+        return self
+
+    def log(self, tail: int = 60) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        interesting = [line for line in lines if " DEBUG " not in line]
+        return f"--- {self.name} log (last {tail} non-debug lines) ---\n" + "\n".join(interesting[-tail:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The node's status through its control socket; None if it does not answer (yet)."""
+        try:
+            return request(self.data, "status", timeout=timeout)
+        except (NodeNotRunning, ControlError):
+            return None
+
+    def wait_status(self, predicate: Callable[[dict[str, Any]], Any], timeout: float, what: str) -> dict:
+        def check() -> dict | None:
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}\n{self.log()}")
+            status = self.status()
+            return status if status is not None and predicate(status) else None
+
+        return wait_until(check, timeout, f"{self.name}: {what}", interval=0.1,
+                          on_fail=lambda: f"last status: {self.status()}\n{self.log()}")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        self.wait_status(lambda s: True, timeout, "control socket")
+        if self.mount is not None:
+            wait_until(lambda: self._check_alive() and os.path.ismount(self.mount), timeout,
+                       f"mount of {self.name}", on_fail=self.log)
+
+    def _check_alive(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}\n{self.log()}")
+        return True
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.proc is not None and self.paused:
+            self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at an arbitrary instant."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        if self.mount is not None:
+            unmount(self.mount)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL; always leaves the mountpoint unmounted."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.resume()
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
+        finally:
+            if self.mount is not None:
+                unmount(self.mount)
+        return None if self.proc is None else self.proc.returncode
+
+
+class Cluster:
+    """The nodes of one test; `close` stops all of them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[Proc] = []
+
+    def primary(self, name: str = "p", *extra: str, listen: bool = True, env: dict[str, str] | None = None,
+                start: bool = True) -> Proc:
+        data, mount = self.root / f"{name}-data", self.root / f"{name}-mnt"
+        mount.mkdir(parents=True, exist_ok=True)
+        args = ["primary", "--data", str(data), "--mount", str(mount)]
+        port = 0
+        if listen:
+            port = free_port_pair()
+            args += ["--listen", f"tcp://127.0.0.1:{port}"]
+        proc = Proc(name, "primary", data, mount, args + list(extra), self.root / f"{name}.log", env,
+                     address=f"tcp://127.0.0.1:{port}")
+        self.procs.append(proc)
+        if start:
+            proc.start().wait_ready()
+        return proc
+
+    def standby(self, primary: Proc, name: str = "s", *extra: str, mount: bool = True,
+                env: dict[str, str] | None = None, start: bool = True, wait: bool = True) -> Proc:
+        data = self.root / f"{name}-data"
+        mountpoint = self.root / f"{name}-mnt" if mount else None
+        args = ["standby", "--data", str(data), "--primary", primary.address, "--name", name]
+        if mountpoint is not None:
+            mountpoint.mkdir(parents=True, exist_ok=True)
+            args += ["--mount", str(mountpoint)]
+        proc = Proc(name, "standby", data, mountpoint, args + list(extra), self.root / f"{name}.log", env)
+        self.procs.append(proc)
+        if start:
+            proc.start()
+            if wait:
+                proc.wait_ready()
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(proc.log() for proc in self.procs)
+
+    def verify(self, a: Proc, b: Proc, deadline: float = 60.0) -> str:
+        """`mount.py verify` on two nodes; returns its output, fails the test on a mismatch."""
+        result = cli("verify", "--data", str(a.data), "--data", str(b.data), "--deadline", str(deadline),
+                     timeout=deadline + 60)
+        assert result.returncode == 0, f"verify: {result.stdout}{result.stderr}\n{self.logs()}"
+        return result.stdout
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.resume()
+        errors = []
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception as exc:  # keep stopping the others
+                errors.append(f"{proc.name}: {exc!r}")
+        assert not errors, errors
+
+
+@pytest.fixture(name="cluster")
+def cluster_fixture(tmp_path: Path) -> Iterator[Cluster]:
+    """Nodes started through it are all stopped and unmounted at the end of the test."""
+    nodes = Cluster(tmp_path)
+    try:
+        yield nodes
+    finally:
+        nodes.close()
