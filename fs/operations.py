@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from journal import ops
-from journal.errors import NameTooLong, ReadOnly
+from journal.errors import NameTooLong, NotFound, ReadOnly
 from journal.schema import BLOCK_SIZE, NAME_MAX, ROOT_INO
 from journal.state import FsState
 from journal.store import Store
@@ -142,7 +142,7 @@ class TandemFS(Operations):
             for name, child in st.entries(ino):
                 try:
                     mode = st.inode(child).mode
-                except Exception:  # listed, but fsck's problem: show it, don't fail the listing
+                except NotFound:  # a dangling entry is fsck's to report; list the rest
                     mode = 0
                 entries.append((os.fsdecode(name), {"st_ino": child, "st_mode": mode}, 0))
             return entries
