@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,20 +46,8 @@ class TandemFS(Operations):
     def __init__(self, store: Store, fsync_hook: FsyncHook | None = None) -> None:
         self.store = store
         self.fsync_hook = fsync_hook
-        self._ino_lock = threading.Lock()
-        with store.reader() as st:
-            self._next_ino = st.next_ino()
 
     # --- helpers --------------------------------------------------------------------
-    def _allocate_ino(self) -> int:
-        with self._ino_lock:
-            with self.store.reader() as st:
-                # A standby promoted under a live mount has allocated nothing here.
-                self._next_ino = max(self._next_ino, st.next_ino())
-            ino = self._next_ino
-            self._next_ino += 1
-            return ino
-
     def _commit(self, op: ops.Op) -> int:
         if self.store.read_only_reason:
             raise ReadOnly(self.store.read_only_reason)
@@ -104,7 +91,7 @@ class TandemFS(Operations):
         uid = fuse_get_context()[0]
         if stat.S_ISDIR(mode) and parent_mode & stat.S_ISGID:
             mode |= stat.S_ISGID
-        ino = self._allocate_ino()
+        ino = self.store.allocate_ino()
         self._commit(ops.MakeNode(parent=parent, ino=ino, mode=mode, rdev=rdev, uid=uid, gid=gid,
                                   time_ns=time.time_ns(), name=name))
         return ino
@@ -180,7 +167,7 @@ class TandemFS(Operations):
         with self.store.reader() as st:
             parent, name, gid = self._parent(st, target)
         uid = fuse_get_context()[0]
-        self._commit(ops.Symlink(parent=parent, ino=self._allocate_ino(), uid=uid, gid=gid,
+        self._commit(ops.Symlink(parent=parent, ino=self.store.allocate_ino(), uid=uid, gid=gid,
                                  time_ns=time.time_ns(), name=name, target=os.fsencode(source)))
         return 0
 

@@ -86,3 +86,7 @@ class SequenceGap(StoreError):
 
 class WrongCluster(StoreError):
     """A record or store belongs to another cluster."""
+
+
+class StaleEpoch(StoreError):
+    """A record of an epoch older than the records before it: written by a deposed primary."""

@@ -24,14 +24,17 @@ class Op:
     CODE: ClassVar[int] = 0
 
     def encode(self) -> bytes:
+        return b"".join(self.encode_parts())
+
+    def encode_parts(self) -> list[bytes]:
+        """The payload as pieces to join, so a record is built with one copy of the data."""
         codec = _CODECS[type(self)]
-        ints = codec.ints.pack(*(getattr(self, name) for name in codec.int_names))
-        parts = [ints]
+        parts = [codec.ints.pack(*(getattr(self, name) for name in codec.int_names))]
         for name in codec.bytes_names:
             value = getattr(self, name)
             parts.append(_LEN.pack(len(value)))
             parts.append(value)
-        return b"".join(parts)
+        return parts
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,12 @@ class Record:
 
 
 def encode_record(cluster_id: bytes, epoch: int, seq: int, op: Op) -> bytes:
-    payload = op.encode()
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, op.CODE, epoch, seq, cluster_id, len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + payload + _CRC.pack(crc)
+    parts = op.encode_parts()
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, op.CODE, epoch, seq, cluster_id, sum(map(len, parts)))
+    crc = zlib.crc32(head)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join((head, *parts, _CRC.pack(crc)))
 
 
 def peek_header(raw: bytes | memoryview) -> tuple[int, int]:

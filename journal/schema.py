@@ -63,6 +63,15 @@ META_EPOCH = b"epoch"  # u64 BE, the newest epoch this node has seen or taken
 META_EPOCH_HISTORY = b"epoch_history"  # packed (epoch u64, first seq u64) pairs, ascending
 META_ROLE = b"role"  # b"primary" or b"standby": what this node last ran as
 META_CHECKPOINT_SEQ = b"checkpoint_seq"  # u64 BE: seq covered by the newest checkpoint
+#: Node-local, written by a standby: JSON {"primary", "control", "epoch", "last_seq", "ack_flags"}:
+#: the primary it follows, the highest epoch it has heard of, the highest last seq a primary of
+#: that epoch announced, and which acks that primary's fsyncs wait for. Promotion reads it to
+#: refuse a node known to be behind, and to choose defaults for the new primary.
+META_UPSTREAM = b"upstream"
+#: Node-local, u64 BE: an epoch that fenced this node while it was a primary (a peer knew a
+#: higher one, or another primary claimed the same one). A primary restarted on this store
+#: stays read-only while this is >= its epoch; promotion (a new, higher epoch) clears it.
+META_FENCED = b"fenced"
 
 _U64 = struct.Struct(">Q")
 _U64_PAIR = struct.Struct(">QQ")

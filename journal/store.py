@@ -38,6 +38,7 @@ from .errors import (
     FsError,
     ReadOnly,
     SequenceGap,
+    StaleEpoch,
     StoreError,
     StoreFull,
     WrongCluster,
@@ -156,13 +157,13 @@ def split_write(op: ops.Op) -> list[ops.Op]:
     """A write as block-aligned writes of at most one block each; any other op alone."""
     if not isinstance(op, ops.Write) or op.offset % BLOCK_SIZE + len(op.data) <= BLOCK_SIZE:
         return [op]
-    parts = []
-    data = memoryview(op.data)
+    parts: list[ops.Op] = []
+    data = memoryview(op.data)  # slices of it share the caller's buffer: no copies
     pos = 0
     while pos < len(data):
         take = BLOCK_SIZE - (op.offset + pos) % BLOCK_SIZE
         parts.append(ops.Write(ino=op.ino, offset=op.offset + pos, time_ns=op.time_ns,
-                               data=bytes(data[pos:pos + take])))
+                               data=data[pos:pos + take]))  # type: ignore[arg-type]
         pos += take
     return parts
 
@@ -198,6 +199,7 @@ class Store:
             raise StoreError(f"{self.path} holds no tandemfs store (run a primary on it to create one)")
         self._env_lock = EnvLock()
         self._write_lock = threading.Lock()
+        self._ino_lock = threading.Lock()
         self._open(max_size, readonly)
         self.read_only_reason: str | None = "opened read-only" if readonly else None
         self.listeners: list[CommitListener] = []
@@ -268,14 +270,16 @@ class Store:
         _install_data_file(Path(checkpoint), path)
         return cls(path, max_size=max_size, **kwargs)
 
-    def replace_with(self, checkpoint: str | os.PathLike) -> int:
+    def replace_with(self, checkpoint: str | os.PathLike, keep_old: str | os.PathLike | None = None) -> int:
         """Swap this open store's environment for checkpoint directory `checkpoint`
         (its data file is moved into place); returns the new last_seq.
 
         Writers are excluded by the write lock and readers by the environment lock, so
         a live mount over this store sees the old state or the new, and nothing between.
         The checkpoint must belong to this store's cluster. A crash at any point leaves
-        either the old environment or the new one in place, both whole.
+        either the old environment or the new one in place, both whole. With `keep_old`,
+        the replaced data file stays whole in that directory (a hard link, so no copy):
+        an environment an operator can open, e.g. a node's state before a resync.
         """
         cluster_id, seq, _epoch = inspect_environment(checkpoint)
         if cluster_id != self.cluster_id:
@@ -284,8 +288,12 @@ class Store:
         readonly = self.read_only_reason == "opened read-only"
         with self._write_lock, self._env_lock.exclusive():
             old_seq = self.last_seq
+            if keep_old is not None and not readonly:
+                self.env.sync(True)
             self.env.close()
             try:
+                if keep_old is not None:
+                    _keep_data_file(self.path, Path(keep_old))
                 _install_data_file(Path(checkpoint), self.path)
             finally:
                 # Whether or not the file moved, reopen what is now in place.
@@ -313,9 +321,24 @@ class Store:
     # --- position -------------------------------------------------------------------
     def _load_position(self) -> None:
         with self.env.begin() as txn:
+            self._next_ino = FsState(txn, self.db).next_ino()
             self.last_seq = from_u64(txn.get(META_LAST_SEQ, db=self.db.meta) or u64(0))
             self.epoch = from_u64(txn.get(META_EPOCH, db=self.db.meta) or u64(1))
             self.epoch_history = unpack_epoch_history(txn.get(META_EPOCH_HISTORY, db=self.db.meta))
+
+    def allocate_ino(self) -> int:
+        """A new inode number for an op about to be built. Never handed out twice, even
+        when the op then fails; numbers are cheap, reuse is not (stale handles)."""
+        with self._ino_lock:
+            ino = self._next_ino
+            self._next_ino += 1
+            return ino
+
+    def _note_inode(self, op: ops.Op) -> None:
+        """Keep allocate_ino ahead of every inode an applied op created (also a standby's)."""
+        if isinstance(op, (ops.MakeNode, ops.Symlink)) and op.ino >= self._next_ino:
+            with self._ino_lock:
+                self._next_ino = max(self._next_ino, op.ino + 1)
 
     def first_seq(self) -> int:
         """The oldest retained journal seq (last_seq + 1 when the journal is empty)."""
@@ -362,6 +385,32 @@ class Store:
                 yield seq, value
 
     # --- writing on the primary -----------------------------------------------------
+    def begin_epoch(self, epoch: int, time_ns: int | None = None) -> int:
+        """Make `epoch` this node's writing epoch, beginning with a BeginEpoch record; returns its seq.
+
+        The record is committed through the ordinary path (`_commit_parts`), so it is
+        journaled, published to standbys, and `_append` records (epoch, seq) in the epoch
+        history. It is committed even while the store refuses writes (a standby being
+        promoted) and under the write lock, so no other write can come before it in the
+        new epoch; the caller makes the store writable afterwards. It is synced before
+        this returns: a node that says it took an epoch has it on disk.
+        """
+        with self._write_lock:
+            current = max(self.epoch, self.epoch_history[-1][0] if self.epoch_history else 0)
+            if epoch <= current:
+                raise StoreError(f"epoch {epoch} is not above this store's epoch {current}")
+            previous = self.epoch
+            self.epoch = epoch
+            op = ops.BeginEpoch(epoch=epoch, time_ns=time.time_ns() if time_ns is None else time_ns)
+            try:
+                seq = self._commit_parts([op], force=True)
+            except BaseException:
+                self.epoch = previous
+                raise
+        self.sync()
+        log.info("epoch %d begins at seq %d", epoch, seq)
+        return seq
+
     def commit(self, op: ops.Op) -> int:
         """Apply `op` as the next record(s); returns the last seq once committed (not synced).
 
@@ -386,8 +435,8 @@ class Store:
                 self._advance()
                 return self._commit_parts(parts)
 
-    def _commit_parts(self, parts: list[ops.Op]) -> int:
-        if self.read_only_reason:
+    def _commit_parts(self, parts: list[ops.Op], force: bool = False) -> int:
+        if self.read_only_reason and not force:
             raise ReadOnly(self.read_only_reason)
         seq = self.last_seq
         committed = []
@@ -395,9 +444,13 @@ class Store:
             with self.env.begin(write=True) as txn:
                 state = FsState(txn, self.db)
                 for op in parts:
+                    apply(state, op)
+                    self._note_inode(op)
+                # Journal after state: a file's blocks get neighbouring pages, which keeps
+                # later sequential reads of it sequential on disk.
+                for op in parts:
                     seq += 1
                     raw = encode_record(self.cluster_id, self.epoch, seq, op)
-                    apply(state, op)
                     self._append(txn, self.epoch, seq, raw)
                     committed.append((seq, raw))
         except lmdb.MapFullError as exc:
@@ -448,6 +501,7 @@ class Store:
                                 for op in parts:
                                     raw = encode_record(self.cluster_id, self.epoch, seq + len(mine) + 1, op)
                                     apply(state, op)
+                                    self._note_inode(op)
                                     self._append(child, self.epoch, seq + len(mine) + 1, raw)
                                     mine.append((seq + len(mine) + 1, raw))
                         except FsError as exc:
@@ -504,10 +558,12 @@ class Store:
         """Apply records that follow `last_seq`; duplicates are skipped. Returns last_seq.
 
         Raises SequenceGap when a record does not follow, CorruptRecord or WrongCluster
-        when one fails verification; records before the bad one are committed.
+        when one fails verification, StaleEpoch when one is of an older epoch than the
+        records before it (a deposed primary's); records before the bad one are committed.
         """
         with self._write_lock:
             seq = self.last_seq
+            epoch = self.epoch_history[-1][0] if self.epoch_history else 0
             committed: list[tuple[int, bytes]] = []
             error: Exception | None = None
             try:
@@ -526,15 +582,20 @@ class Store:
                         if record.seq != seq + 1:
                             error = SequenceGap(f"record {record.seq} after {seq}")
                             break
-                        with self.env.begin(write=True, parent=txn) as child:
-                            try:
-                                apply(FsState(child, self.db), record.op)
-                            except FsError as exc:
-                                # The primary applied it, so we must too: state has diverged.
-                                raise StoreError(
-                                    f"record {record.seq} ({type(record.op).__name__}) does not apply "
-                                    f"here: {exc!r}") from exc
-                            self._append(child, record.epoch, record.seq, bytes(raw))
+                        if record.epoch < epoch:
+                            error = StaleEpoch(f"record {record.seq} of epoch {record.epoch} after records "
+                                               f"of epoch {epoch}")
+                            break
+                        epoch = record.epoch
+                        try:
+                            apply(FsState(txn, self.db), record.op)
+                        except FsError as exc:
+                            # The primary applied it, so we must too: the states have diverged.
+                            raise StoreError(
+                                f"record {record.seq} ({type(record.op).__name__}) does not apply "
+                                f"here: {exc!r}") from exc
+                        self._append(txn, record.epoch, record.seq, bytes(raw))
+                        self._note_inode(record.op)
                         seq = record.seq
                         committed.append((seq, bytes(raw)))
             except lmdb.MapFullError as exc:
@@ -625,6 +686,16 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _keep_data_file(store_dir: Path, keep_dir: Path) -> None:
+    """Hard-link the data file of `store_dir` (closed) into `keep_dir`, durably."""
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    target = keep_dir / "data.mdb"
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()  # left by a resync that crashed before the swap: the same old file
+    os.link(store_dir / "data.mdb", target)
+    _fsync_file(keep_dir)
 
 
 def _install_data_file(source_dir: Path, store_dir: Path) -> None:
