@@ -4,7 +4,8 @@ Both speak the fusepy API. `TANDEMFS_FUSE=fusepy` selects the libfuse2 binding; 
 README's benchmark section says why libfuse3 is the default. The `FUSE` subclass here
 fixes two places where the bindings lose information the filesystem needs: rename flags
 (RENAME_NOREPLACE / RENAME_EXCHANGE, libfuse3 only) and the UTIME_NOW / UTIME_OMIT
-markers of utimensat, whose tv_sec libfuse leaves uninitialised.
+markers of utimensat, whose tv_sec libfuse leaves uninitialised; and it spares create
+a signature inspection per call.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class FUSE(_binding.FUSE):
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             return self.operations.rename(
                 old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags)
+
+        def create(self, path: bytes, mode: int, fip: object) -> int:
+            # mfusepy inspects the operation's signature on every create; ours is known.
+            fi = fip.contents  # type: ignore[attr-defined]
+            fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+            return 0
 
         def utimens_fuse_2(self, path: bytes | None, buf: object) -> int:
             return self.operations.utimens(

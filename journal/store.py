@@ -18,6 +18,7 @@ the new one, never a closed environment.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -80,59 +81,108 @@ CommitListener = Callable[[list[tuple[int, bytes]]], None]
 class EnvLock:
     """A readers-writer lock guarding which LMDB environment the store has open.
 
-    Readers are many and short (one FUSE call's transaction); the writer is rare (a
-    snapshot swap) and is preferred, so a stream of readers cannot starve it. A thread
-    that already holds the shared side may take it again without blocking, so a read
-    path that calls another read path cannot deadlock against a waiting writer.
+    Readers are many and short (one FUSE call's transaction) and must cost next to
+    nothing; the writer is rare (a snapshot swap) and is preferred, so a stream of
+    readers cannot starve it. A reader announces itself by appending to a deque, then
+    checks for a swap; the swapper raises its flag, then waits for the deque to empty.
+    Both steps are single, atomic operations under the GIL, so either the swapper sees
+    the reader or the reader sees the flag, and backs off. A thread that already holds
+    the shared side may take it again without blocking, so a read path that calls
+    another read path cannot deadlock against a waiting swap.
     """
 
     def __init__(self) -> None:
+        self._active: collections.deque[None] = collections.deque()
+        self._swapping = False
         self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
+        self._swap_lock = threading.Lock()
         self._local = threading.local()
 
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        depth = getattr(self._local, "depth", 0)
+    def acquire_shared(self) -> None:
+        local = self._local
+        depth = getattr(local, "depth", 0)
         if depth:
-            self._local.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._local.depth = depth
+            local.depth = depth + 1
             return
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        self._local.depth = 1
-        try:
-            yield
-        finally:
-            self._local.depth = 0
+        while True:
+            self._active.append(None)
+            if not self._swapping:
+                break
+            self._active.pop()
             with self._cond:
-                self._readers -= 1
-                if not self._readers:
+                self._cond.notify_all()
+                while self._swapping:
+                    self._cond.wait()
+        local.depth = 1
+
+    def release_shared(self) -> None:
+        local = self._local
+        local.depth -= 1
+        if not local.depth:
+            self._active.pop()
+            if self._swapping:
+                with self._cond:
                     self._cond.notify_all()
+
+    def shared(self) -> _Shared:
+        return _Shared(self)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
+        with self._swap_lock:
             with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+                self._swapping = True
+                try:
+                    while self._active:
+                        self._cond.wait(0.01)
+                except BaseException:
+                    self._swapping = False
+                    self._cond.notify_all()
+                    raise
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._swapping = False
+                    self._cond.notify_all()
+
+
+class _Shared:
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: EnvLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release_shared()
+
+
+class _Reader:
+    """`with store.reader() as state`: a read transaction under the shared lock."""
+
+    __slots__ = ("_store", "_txn")
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __enter__(self) -> FsState:
+        store = self._store
+        store._env_lock.acquire_shared()
+        try:
+            self._txn = store.env.begin()
+        except BaseException:
+            store._env_lock.release_shared()
+            raise
+        return FsState(self._txn, store.db)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._txn.abort()
+        finally:
+            self._store._env_lock.release_shared()
 
 
 def inspect_environment(path: str | os.PathLike) -> tuple[bytes, int, int]:
@@ -361,10 +411,8 @@ class Store:
         return raw.decode() if raw else "primary"
 
     # --- reading --------------------------------------------------------------------
-    @contextlib.contextmanager
-    def reader(self) -> Iterator[FsState]:
-        with self._env_lock.shared(), self.env.begin() as txn:
-            yield FsState(txn, self.db)
+    def reader(self) -> contextlib.AbstractContextManager[FsState]:
+        return _Reader(self)
 
     def shared(self) -> contextlib.AbstractContextManager[None]:
         """Hold the environment in place (no snapshot swap) while using `env` directly."""
