@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""tandemfs command line: run a primary or a standby, inspect, checkpoint and compare nodes.
+"""tandemfs command line: run a primary or a standby, promote a standby, inspect,
+checkpoint and compare nodes.
 
 Every verb has --help. Logs go to stderr; results of inspecting verbs go to stdout.
 """
@@ -45,7 +46,7 @@ def _config(args: argparse.Namespace, **extra: object):
 
 def cmd_primary(args: argparse.Namespace) -> int:
     from replica.control import DataDirBusy
-    from replica.node import run_primary
+    from replica.node import WrongRole, run_primary
     from replica.primary import Durability, OnStandbyLoss
 
     if not os.path.isdir(args.mount):
@@ -53,10 +54,11 @@ def cmd_primary(args: argparse.Namespace) -> int:
         return 2
     config = _config(args, group_commit=args.group_commit, listen=args.listen,
                      durability=Durability(args.durability), sync_timeout=args.sync_timeout,
-                     on_standby_loss=OnStandbyLoss(args.on_standby_loss))
+                     on_standby_loss=OnStandbyLoss(args.on_standby_loss), peers=args.peer or [],
+                     name=args.name or "")
     try:
         return run_primary(config)
-    except DataDirBusy as exc:
+    except (DataDirBusy, WrongRole) as exc:
         log.error("%s", exc)
         return 2
 
@@ -64,15 +66,108 @@ def cmd_primary(args: argparse.Namespace) -> int:
 def cmd_standby(args: argparse.Namespace) -> int:
     from replica.control import DataDirBusy
     from replica.node import run_standby
+    from replica.primary import Durability, OnStandbyLoss
 
     if args.mount and not os.path.isdir(args.mount):
         log.error("mountpoint %s is not a directory", args.mount)
         return 2
+    if args.auto_promote_after is not None and (args.auto_promote_after <= 0 or not args.mount):
+        log.error("--auto-promote-after takes a positive number of seconds, and needs --mount (a promoted "
+                  "node serves the filesystem through its mount)")
+        return 2
+    config = _config(args, primary=args.primary, name=args.name or "", listen=args.listen,
+                     durability=Durability(args.durability) if args.durability else None,
+                     sync_timeout=args.sync_timeout, on_standby_loss=OnStandbyLoss(args.on_standby_loss),
+                     peers=args.peer or [], auto_promote_after=args.auto_promote_after)
     try:
-        return run_standby(_config(args, primary=args.primary, name=args.name or ""))
+        return run_standby(config)
     except DataDirBusy as exc:
         log.error("%s", exc)
         return 2
+
+
+def _print_takeover(takeover: dict) -> None:
+    how = ("automatically, " if takeover["auto"] else "") + ("forced, " if takeover["forced"] else "")
+    print(f"promoted ({how}epoch {takeover['epoch']}): took over at seq {takeover['took_over_at']}; "
+          f"epoch {takeover['epoch']} begins at seq {takeover['seq']}")
+    print(f"may lack: {takeover['lacks']} record(s) of the {takeover['announced']} the old primary "
+          "announced, and any it committed after its last heartbeat (none of those was acknowledged by an "
+          "fsync if it waited for this node's durable acks)")
+    print(f"serving: {takeover['listen']} (side channel {takeover['control']}), durability "
+          f"{takeover['durability']}, on standby loss {takeover['on_standby_loss']}; "
+          f"mount {takeover['mount']}"
+          + (f"; fencing peers {', '.join(takeover['peers'])}" if takeover["peers"] else ""))
+    sys.stdout.flush()
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    import json
+
+    from replica.control import ControlError, DataDirBusy, NodeNotRunning, node_running, request
+    from replica.node import run_primary
+    from replica.primary import Durability, OnStandbyLoss
+    from replica.promotion import PromoteRequest, PromotionRefused
+
+    if args.mount and not os.path.isdir(args.mount):
+        log.error("mountpoint %s is not a directory", args.mount)
+        return 2
+    wanted = PromoteRequest(
+        force=args.force, listen=args.listen, control=args.control, mount=args.mount,
+        durability=Durability(args.durability) if args.durability else None, sync_timeout=args.sync_timeout,
+        on_standby_loss=OnStandbyLoss(args.on_standby_loss) if args.on_standby_loss else None,
+        peers=args.peer or [])
+    if node_running(args.data):
+        try:
+            reply = request(args.data, "promote", timeout=args.timeout, **wanted.to_control())
+        except (NodeNotRunning, ControlError) as exc:
+            log.error("%s", exc)
+            return 2
+        if not reply.get("promoted"):
+            log.error("promotion refused: %s", reply.get("refused"))
+            return 1
+        reply.pop("ok", None)
+        if args.json:
+            print(json.dumps(reply, sort_keys=True))
+        else:
+            _print_takeover(reply)
+        return 0
+    if not args.mount:
+        log.error("no node runs on %s: give --mount MNT to start its data as the new primary", args.data)
+        return 2
+
+    def promoted(takeover: object) -> None:
+        values = takeover.as_dict()  # type: ignore[attr-defined]
+        if args.json:
+            print(json.dumps(values, sort_keys=True), flush=True)
+        else:
+            _print_takeover(values)
+
+    config = _config(args, sync_timeout=args.sync_timeout or 5.0, durability=None,
+                     on_standby_loss=OnStandbyLoss(args.on_standby_loss or "block"), name=args.name or "")
+    try:
+        return run_primary(config, takeover=wanted, on_promoted=promoted)
+    except PromotionRefused as exc:
+        log.error("promotion refused: %s", exc)
+        return 1
+    except DataDirBusy as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fs.mounting import serve
+    from fs.operations import TandemFS
+    from journal.store import Store, is_store
+
+    if not os.path.isdir(args.mount):
+        log.error("mountpoint %s is not a directory", args.mount)
+        return 2
+    if not is_store(args.data):
+        log.error("%s holds no store", args.data)
+        return 2
+    with Store(args.data, readonly=True) as store:
+        serve(TandemFS(store), args.mount, read_only=True)
+    return 0
 
 
 def _print_status(status: dict) -> None:
@@ -80,9 +175,20 @@ def _print_status(status: dict) -> None:
         print(f"{label:<22} {value}")
 
     line("role", status["role"])
+    if status.get("fatal"):
+        line("FATAL", status["fatal"])
+    if status.get("fenced"):
+        line("FENCED", status["fenced"])
     for key in ("cluster_id", "epoch", "last_seq", "applied_seq"):
         if key in status:
             line(key.replace("_", " "), status[key])
+    if status.get("epoch_history"):
+        line("epoch history", ", ".join(f"epoch {e} from seq {s}" for e, s in status["epoch_history"]))
+    takeover = status.get("takeover")
+    if takeover:
+        line("promoted", f"{'automatically ' if takeover['auto'] else ''}to epoch {takeover['epoch']} "
+             f"at seq {takeover['seq']} (took over after seq {takeover['took_over_at']}, lacking "
+             f"{takeover['lacks']} announced record(s))")
     if status.get("read_only"):
         line("read-only", status["read_only"])
     journal = status.get("journal")
@@ -112,12 +218,24 @@ def _print_status(status: dict) -> None:
                      f"received {peer['received_seq']}, durable {peer['durable_seq']}, "
                      f"lag {peer['lag_records']} records / "
                      f"{peer['lag_seconds']}s, seen {peer['last_seen_seconds']}s ago")
+            if replication.get("peer_watch"):
+                watch = replication["peer_watch"]
+                line("fencing peers", f"{', '.join(watch['addresses'])} ({watch['answers']} answers)")
+            for name, peer in (replication.get("peers") or {}).items():
+                line(f"peer {name}", f"primary of epoch {peer['epoch']} at seq {peer['last_seq']}"
+                     + (" (fenced)" if peer["fenced"] else ""))
     standby = status.get("standby")
     if standby:
-        line("following", f"{standby['primary']} ({standby['state']})")
+        line("following", f"{standby['primary']} ({standby['state']}, epoch {standby['primary_epoch']})")
         line("lag", f"{standby['lag_records']} records, {standby['lag_seconds']}s "
              f"(primary at {standby['primary_last_seq']})")
-        line("heartbeat age", f"{standby['heartbeat_age_seconds']}s")
+        line("heartbeat age", f"{standby['heartbeat_age_seconds']}s"
+             + (f" (auto-promote after {status['auto_promote_after']}s)" if status.get("auto_promote_after")
+                else ""))
+        if standby.get("divergence"):
+            div = standby["divergence"]
+            line("divergent records", f"{div['records']} (seqs {div['from_seq']}..{div['to_seq']}) "
+                 f"exported to {div['directory']}")
         line("repairs", f"{standby['fetches']} fetches ({standby['fetched_records']} records), "
              f"{standby['snapshots']} snapshots")
         if standby.get("snapshot"):
@@ -277,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--retain-bytes", type=_size, default=DEFAULT_RETAIN_BYTES, metavar="SIZE",
                        help=f"retention bound in bytes of journal (default {DEFAULT_RETAIN_BYTES >> 30}G)")
 
+    def promotion_options(p: argparse.ArgumentParser, standby: bool) -> None:
+        once = "once promoted: " if standby else ""
+        p.add_argument("--listen", metavar="tcp://HOST:PORT",
+                       help=f"{once}publish the stream here, side channel on PORT+1 (default: the ports the "
+                       "old primary used, on this machine's address towards it; on one machine, the same "
+                       "address)")
+        p.add_argument("--durability", choices=["async", "received", "durable"], default=None,
+                       help=f"{once}what fsync waits for (default: what the old primary announced)")
+        p.add_argument("--sync-timeout", type=float, default=5.0 if standby else None, metavar="SECONDS",
+                       help=f"{once}how long fsync waits for a standby's ack (default 5)")
+        p.add_argument("--on-standby-loss", choices=["block", "degrade"],
+                       default="block" if standby else None,
+                       help=f"{once}when no standby acks in time: block (default) or degrade to async")
+        p.add_argument("--peer", action="append", metavar="tcp://HOST:PORT",
+                       help=f"{once}another node's stream address to exchange epochs with (repeatable; the "
+                       "old primary's side channel is always included)")
+
     p = verbs.add_parser("primary", help="run a primary: create the store if needed, mount it, replicate",
                          description="Run a primary in the foreground. Creates the store if DIR is "
                          "empty; unmounts and exits 0 on SIGTERM/SIGINT or fusermount -u. With --listen, "
@@ -299,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-standby-loss", choices=["block", "degrade"], default="block",
                    help="when no standby acks in time: keep fsync waiting (block, default) or fall back to "
                    "async until a standby catches up (degrade)")
+    p.add_argument("--peer", action="append", metavar="tcp://HOST:PORT",
+                   help="another node's stream address (repeatable): this primary tells it its epoch and "
+                   "learns its (PEER, on that node's side channel PORT+1), so that of two primaries the one "
+                   "of the older epoch is fenced as soon as they can reach each other")
+    p.add_argument("--name", help="this node's name in other nodes' status (default: host:dir)")
     p.set_defaults(func=cmd_primary)
 
     p = verbs.add_parser("standby", help="follow a primary, optionally with a read-only mount",
@@ -312,7 +452,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the primary's side channel (default: the --primary port + 1)")
     p.add_argument("--mount", metavar="MNT", help="also mount the state read-only here (writes: EROFS)")
     p.add_argument("--name", help="this standby's name in the primary's status (default: host:dir)")
+    promotion_options(p, standby=True)
+    p.add_argument("--auto-promote-after", type=float, metavar="SECONDS",
+                   help="promote this standby on its own after SECONDS without a heartbeat from the primary "
+                   "(only if it had been following and holds every record the primary announced; needs "
+                   "--mount). Off by default. WARNING: with two machines and no third party, a network "
+                   "partition then leaves BOTH nodes primary (split brain) until the partition heals and "
+                   "fencing deposes the old one; writes the old one took meanwhile become divergent "
+                   "records. Use it only where that is acceptable")
     p.set_defaults(func=cmd_standby)
+
+    p = verbs.add_parser(
+        "promote", help="make a standby the primary of a new epoch (running: in place; stopped: start it)",
+        description="Promote the standby on DIR. If it runs, it stops following (after applying what it "
+        "received), takes epoch = highest seen + 1 (journaled as a BeginEpoch record), serves the stream "
+        "and side channel, and its read-only mount turns writable in place (or MNT is mounted). If no node "
+        "runs on DIR, its data is started as the new primary in the foreground, mounted on MNT (like "
+        "`primary`). Refuses an empty node, and one known to be behind the last seq its primary announced, "
+        "unless --force. Prints the seq it took over at and how many records it may lack. Exits 0 when "
+        "promoted, 1 when refused, 2 on other errors.")
+    node_options(p)
+    p.add_argument("--mount", metavar="MNT", help="mount here read-write (required if no node runs on DIR; "
+                   "for a running standby without a mount)")
+    p.add_argument("--force", action="store_true",
+                   help="promote even a node known to be behind (its missing records are lost to the "
+                   "cluster), or the data of a node that was last a primary")
+    p.add_argument("--control", metavar="tcp://HOST:PORT2",
+                   help="the side channel to serve (default: the old primary's side-channel port on the same "
+                   "host as --listen, or --listen's port + 1)")
+    promotion_options(p, standby=False)
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.add_argument("--name", help="a stopped node's name once it runs (default: host:dir)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for a running node's answer (default 60)")
+    p.set_defaults(func=cmd_promote)
+
+    p = verbs.add_parser("inspect", help="mount a store read-only, without replication",
+                         description="Mount the store in DIR read-only (kernel ro, writes EROFS), with no "
+                         "replication and no control socket: to look into the state/ a rejoin kept beside "
+                         "its divergent records, or into a checkpoint. Ends on SIGTERM/SIGINT or unmount.")
+    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--mount", required=True, metavar="MNT")
+    p.set_defaults(func=cmd_inspect)
 
     p = verbs.add_parser("status", help="show a running node's role, seqs, lag, standbys, durability",
                          description="Ask the node running on DIR (through its control socket) for its "

@@ -405,6 +405,10 @@ class Store:
         with self._write_lock, self.env.begin(write=True) as txn:
             txn.put(key, value, db=self.db.meta)
 
+    def delete_meta(self, key: bytes) -> None:
+        with self._write_lock, self.env.begin(write=True) as txn:
+            txn.delete(key, db=self.db.meta)
+
     @property
     def role(self) -> str:
         raw = self.get_meta(META_ROLE)

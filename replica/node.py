@@ -10,6 +10,16 @@ mount writable in place.
 
 The FUSE loop runs in the main thread (libfuse ends it on SIGTERM/SIGINT); a node without
 a mount waits on its own signal handlers instead.
+
+Promotion (decisions in replica/promotion.py). A running standby is promoted in place,
+from its control socket (`mount.py promote`) or from its own watchdog after missed
+heartbeats (`--auto-promote-after`): it applies what it has already received and stops
+following, binds the stream and side channel (if that fails, nothing has changed and it
+follows again), commits the BeginEpoch record that starts its epoch, and only then
+accepts writes, through the same mount, whose fsync hook starts waiting for standbys.
+A stopped standby's data directory is promoted by starting it as a primary that does
+the same before it mounts. Either way the new primary keeps sending PEER to the primary
+it followed (replica/fencing.py), so that primary is fenced whenever it can be reached.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +44,22 @@ from journal.checkpoints import (
     RetentionPolicy,
     prune_point,
 )
-from journal.schema import META_ROLE
+from journal.schema import META_FENCED, META_ROLE, from_u64
 from journal.store import Store, is_store
 
 from .control import ControlServer, NodeLock
+from .fencing import fenced_on_disk
 from .primary import Durability, OnStandbyLoss, PrimaryReplication
-from .standby import INCOMING, Follower
+from .promotion import (
+    PromoteRequest,
+    PromotionRefused,
+    Takeover,
+    check,
+    default_addresses,
+    inherited_durability,
+    next_epoch,
+)
+from .standby import INCOMING, Follower, State, read_upstream
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +67,13 @@ log = logging.getLogger(__name__)
 MAINTENANCE_TICK = 1.0
 #: Entries a standby's data directory may hold before it has a store.
 _BOOTSTRAP_LEFTOVERS = {INCOMING, "node.lock", "control.sock", "checkpoints"}
+#: How long a promotion waits for a mount it asked for to come up (seconds).
+MOUNT_TIMEOUT = 20.0
+
+
+class WrongRole(Exception):
+    """The data directory's last role does not allow what was asked (e.g. `primary` on a
+    standby's data, which must be promoted instead)."""
 
 
 @dataclass
@@ -55,14 +83,22 @@ class NodeConfig:
     max_size: int | None = None
     group_commit: bool = False
     # primary
+    #: A primary's stream; a standby's once promoted (None: promotion's default).
     listen: str | None = None
     control: str | None = None  # the side channel: bound by a primary, reached by a standby
-    durability: Durability = Durability.ASYNC
+    #: What fsync waits for; None (standby): once promoted, as the old primary announced.
+    durability: Durability | None = Durability.ASYNC
     sync_timeout: float = 5.0
     on_standby_loss: OnStandbyLoss = OnStandbyLoss.BLOCK
+    #: Other nodes' stream addresses: a primary sends them PEER (replica/fencing.py).
+    peers: list[str] = field(default_factory=list)
+    #: Side channels to send PEER to, when decided already (a stopped standby's promotion).
+    peer_channels: list[str] = field(default_factory=list)
     # standby
     primary: str | None = None
     name: str = ""
+    #: Promote after this many seconds without a heartbeat (None: never on its own).
+    auto_promote_after: float | None = None
     # both
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     checkpoint_interval: float = DEFAULT_INTERVAL
@@ -125,6 +161,12 @@ class Node:
         self._lock: NodeLock | None = None
         self._control: ControlServer | None = None
         self.last_prune: dict[str, Any] = {}
+        self.takeover: Takeover | None = None
+        self._promote_lock = threading.Lock()
+        #: Wakes the main thread of a standby: stop, or a mount a promotion asked for.
+        self._wake = threading.Event()
+        self._mount_request: str | None = None
+        self.on_fatal: Any = None  # the standby's follower callback, for following again
 
     # --- store ------------------------------------------------------------------------
     def _adopt(self, store: Store) -> None:
@@ -139,6 +181,7 @@ class Node:
             "status": lambda request: self.status(),
             "checkpoint": lambda request: self._checkpoint_command(),
             "digest": lambda request: self._digest(),
+            "promote": self._promote_command,
         })
         self._control.start()
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
@@ -222,6 +265,163 @@ class Node:
             return self.last_prune
         return None
 
+    # --- promotion ----------------------------------------------------------------------
+    def _promote_command(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            promote = PromoteRequest.from_control(request)
+        except ValueError as exc:
+            return {"promoted": False, "refused": f"bad request: {exc}"}
+        try:
+            takeover = self.promote(promote)
+        except PromotionRefused as exc:
+            return {"promoted": False, "refused": str(exc)}
+        return {"promoted": True, **takeover.as_dict()}
+
+    def _promotion_mount(self, request: PromoteRequest) -> str | None:
+        """The mount a promotion must start (None: keep the one there is); refuses a request
+        that does not fit this node."""
+        have = self.config.mount
+        want = request.mount
+        if want and have and os.path.realpath(want) != os.path.realpath(have):
+            raise PromotionRefused(f"this standby is mounted at {have}: --mount must name that mount or be "
+                                   "left out (the mount turns writable in place)")
+        if want and not have:
+            if not os.path.isdir(want):
+                raise PromotionRefused(f"mountpoint {want} is not a directory")
+            if os.path.ismount(want):
+                raise PromotionRefused(f"{want} is already a mountpoint")
+            return want
+        if not have:
+            raise PromotionRefused("this standby has no mount: give --mount MNT to serve the filesystem")
+        return None
+
+    def promote(self, request: PromoteRequest) -> Takeover:
+        """Make this running standby the primary of a new epoch, in place."""
+        with self._promote_lock:
+            store, follower = self.store, self.follower
+            if self.role != "standby" or follower is None:
+                raise PromotionRefused(f"this node is already the primary of epoch "
+                                       f"{store.epoch if store else '?'}")
+            check(store, follower.known_last, request.force)  # refuse before disturbing anything
+            mount = self._promotion_mount(request)
+            assert store is not None
+            if follower.state is State.SNAPSHOT and not request.force:
+                raise PromotionRefused("this node is installing a snapshot from its primary: its store is "
+                                       "not whole yet")
+            follower.stop(drain=True)
+            try:
+                lacks = check(store, follower.known_last, request.force)
+                replication = self._replication_for(request, follower)
+                replication.start()  # binds: if that fails, nothing has changed yet
+            except BaseException:
+                self._follow_again(follower)
+                raise
+            took_over_at = store.last_seq
+            epoch = next_epoch(store, follower.seen_epoch, follower.epoch)
+            try:
+                seq = store.begin_epoch(epoch)
+            except BaseException:
+                replication.stop()
+                self._follow_again(follower)
+                raise
+            store.set_meta(META_ROLE, b"primary")
+            self.replication, self.follower, self.role = replication, None, "primary"
+            store.make_writable()
+            self.takeover = Takeover(
+                epoch=epoch, seq=seq, took_over_at=took_over_at, announced=follower.known_last, lacks=lacks,
+                listen=replication.listen, control=replication.control,
+                durability=replication.durability.value, on_standby_loss=replication.on_standby_loss.value,
+                mount=mount or self.config.mount, peers=replication.peer_watch.addresses
+                if replication.peer_watch else [], auto=request.auto, forced=request.force)
+            log.warning("PROMOTED%s: primary of epoch %d from seq %d (took over after seq %d; the old "
+                        "primary announced %d, %d record(s) of it not held here); serving on %s",
+                        " automatically" if request.auto else "", epoch, seq, took_over_at,
+                        follower.known_last, lacks, replication.listen)
+        if mount:
+            self._mount_now(mount)
+        return self.takeover
+
+    def _replication_for(self, request: PromoteRequest, follower: Follower) -> PrimaryReplication:
+        """The replication a promoted standby serves, from the request, its configuration and
+        what it heard from its old primary."""
+        assert self.store is not None and self.checkpoints is not None
+        config = self.config
+        listen, control = request.listen or config.listen, request.control
+        if listen is None:
+            listen, default_control = default_addresses(follower.primary, follower.control)
+            control = control or default_control
+        control = control or default_side_channel(listen)
+        durability = request.durability or config.durability or inherited_durability(follower.ack_flags)
+        peers = self._peers([*config.peers, *request.peers], control, follower.control)
+        return PrimaryReplication(
+            self.store, self.checkpoints, listen, control, durability=durability,
+            sync_timeout=request.sync_timeout or config.sync_timeout,
+            on_standby_loss=request.on_standby_loss or config.on_standby_loss,
+            request_checkpoint=self.request_checkpoint, stopping=fuse_session_exiting, peers=peers,
+            name=config.name or default_name(config.data), taking_over=True)
+
+    @staticmethod
+    def _peers(streams: list[str], own_control: str, old_primary_control: str | None) -> list[str]:
+        """Side channels to send PEER to: the old primary's, and those of --peer nodes; never
+        this node's own."""
+        found = [old_primary_control] if old_primary_control else []
+        found += [default_side_channel(address) for address in streams]
+        return [address for i, address in enumerate(found)
+                if address != own_control and address not in found[:i]]
+
+    def _follow_again(self, stopped: Follower) -> None:
+        """A promotion failed after the follower stopped: follow the same primary again."""
+        follower = Follower(self.config.data, stopped.primary, stopped.control, store=self.store,
+                            name=stopped.name, max_size=self.config.max_size, on_store=self._adopt,
+                            on_fatal=self.on_fatal)
+        if self.store is not None:
+            follower._set_store(self.store)
+        follower.start()
+        self.follower = follower
+        log.warning("promotion abandoned; following %s again", stopped.primary)
+
+    def _mount_now(self, mountpoint: str) -> None:
+        """Ask the main thread to mount `mountpoint`; wait until it is mounted."""
+        self.config.mount = mountpoint
+        self._mount_request = mountpoint
+        self._wake.set()
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(mountpoint):
+            if time.monotonic() > deadline or self._stop.is_set():
+                raise RuntimeError(f"promoted, but {mountpoint} was not mounted within {MOUNT_TIMEOUT:.0f}s")
+            time.sleep(0.02)
+
+    def _auto_promote(self, after: float) -> None:
+        """Promote this standby once its primary has been silent for `after` seconds, if it
+        had been following and holds everything the primary announced."""
+        warned = False
+        while not self._stop.wait(0.05):
+            follower, store = self.follower, self.store
+            if self.role != "standby" or follower is None or store is None:
+                return
+            if follower.last_heartbeat is None or follower.state is not State.FOLLOWING:
+                continue
+            silent = follower.silence()
+            if silent < after:
+                warned = False
+                continue
+            if follower.known_last > store.last_seq:
+                if not warned:
+                    log.error("no heartbeat from %s for %.1fs, but not promoting: this node holds seq %d "
+                              "of the %d announced", follower.primary, silent, store.last_seq,
+                              follower.known_last)
+                    warned = True
+                continue
+            log.critical("AUTO-PROMOTE: no heartbeat from %s for %.1fs (--auto-promote-after %.1f); "
+                         "promoting this standby", follower.primary, silent, after)
+            try:
+                self.promote(PromoteRequest(auto=True))
+                return
+            except PromotionRefused as exc:
+                log.error("auto-promotion refused: %s", exc)
+            except Exception:
+                log.exception("auto-promotion failed")
+
     def fsync_hook(self, seq: int) -> None:
         """TandemFS's fsync hook on either role: wait as the current durability mode asks.
 
@@ -235,7 +435,9 @@ class Node:
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "data": str(self.config.data), "pid": os.getpid(),
                                "mount": self.config.mount,
-                               "uptime_seconds": round(time.time() - self.started, 1)}
+                               "uptime_seconds": round(time.time() - self.started, 1),
+                               "takeover": self.takeover.as_dict() if self.takeover else None,
+                               "auto_promote_after": self.config.auto_promote_after}
         store = self.store
         if store is None:
             out["applied_seq"] = 0  # bootstrapping: no store yet
@@ -256,11 +458,16 @@ class Node:
                 "last_prune": self.last_prune,
             })
         dropped: dict[str, int] = {}
+        fatal = self.fatal
         if self.replication is not None:
             out["replication"] = self.replication.status()
             out["durability"] = self.replication.durability.value
             out["degraded"] = self.replication.degraded
             dropped.update(self.replication.drops.snapshot())
+            fencing = self.replication.fencing
+            out["fenced"] = fencing.reason if fencing.fenced else None
+            if fencing.split_brain is not None:
+                fatal = fencing.reason
         elif self.role == "primary":
             out["replication"] = None
             out["durability"] = "async"
@@ -277,12 +484,13 @@ class Node:
                 dropped[f"control_{kind}"] = count
         out["dropped"] = dropped
         out["dropped_total"] = sum(dropped.values())
-        out["fatal"] = self.fatal
+        out["fatal"] = fatal
         return out
 
     # --- running ------------------------------------------------------------------------
     def shutdown(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._checkpoint_wanted.set()
         if self.replication is not None:
             self.replication.stop()
@@ -311,31 +519,99 @@ def _open_primary_store(config: NodeConfig) -> Store:
     return store
 
 
-def run_primary(config: NodeConfig) -> int:
-    """Run a primary in the foreground until its mount ends; returns the exit code."""
+def _take_over_offline(store: Store, config: NodeConfig, request: PromoteRequest) -> tuple[int, int, str]:
+    """Decide a stopped node's promotion: (new epoch, records it lacks, its last role); fills
+    in the node's listen/control/durability/peers from the request and what it heard."""
+    upstream = read_upstream(store)
+    announced = upstream.get("last_seq", 0)
+    seen_epoch = upstream.get("epoch", 0)
+    raw_fence = store.get_meta(META_FENCED)
+    fenced = from_u64(raw_fence) if raw_fence and from_u64(raw_fence) >= store.epoch else None
+    lacks = check(store, announced if isinstance(announced, int) else 0, request.force, store.role, fenced)
+    old_primary, old_control = upstream.get("primary"), upstream.get("control")
+    if request.listen or config.listen:
+        config.listen = request.listen or config.listen
+        config.control = request.control or config.control or default_side_channel(config.listen)
+    elif isinstance(old_primary, str):
+        config.listen, default_control = default_addresses(old_primary, old_control if isinstance(
+            old_control, str) else None)
+        config.control = request.control or default_control
+    else:
+        raise PromotionRefused("this node does not know which addresses its old primary used: give --listen")
+    ack_flags = upstream.get("ack_flags", 0)
+    config.durability = request.durability or config.durability or inherited_durability(
+        ack_flags if isinstance(ack_flags, int) else 0)
+    config.sync_timeout = request.sync_timeout or config.sync_timeout
+    config.on_standby_loss = request.on_standby_loss or config.on_standby_loss
+    assert config.control is not None
+    config.peers = []
+    config.peer_channels = Node._peers([*request.peers], config.control,
+                                       old_control if isinstance(old_control, str) else None)
+    epoch = next_epoch(store, seen_epoch if isinstance(seen_epoch, int) else 0)
+    return epoch, lacks, store.role
+
+
+def run_primary(config: NodeConfig, takeover: PromoteRequest | None = None,
+                on_promoted: Callable[[Takeover], None] | None = None) -> int:
+    """Run a primary in the foreground until its mount ends; returns the exit code.
+
+    With `takeover`, the data directory is a stopped standby's (or, forced, a former
+    primary's) and becomes the primary of a new epoch before it mounts; `on_promoted` is
+    told how. Raises PromotionRefused (before changing anything) if it must not be, and
+    WrongRole for a standby's data directory started without `takeover`."""
     from fs.mounting import serve
     from fs.operations import TandemFS
 
     node = Node(config, "primary")
     lock = NodeLock(config.data)  # before creating anything in the directory
     lock.release()
+    if takeover is not None and not is_store(config.data):
+        raise PromotionRefused(f"{config.data} holds no store: there is nothing to promote")
     node._adopt(_open_primary_store(config))
     store = node.store
     assert store is not None and node.checkpoints is not None
     try:
-        if store.role != "primary":
-            store.set_meta(META_ROLE, b"primary")
+        if takeover is not None:
+            epoch, lacks, last_role = _take_over_offline(store, config, takeover)
+        elif store.role == "standby":
+            raise WrongRole(f"{config.data} is a standby's data directory: promote it (mount.py promote "
+                            "--data DIR --mount MNT), so that it takes a new epoch, instead of running it as "
+                            "a primary of its old primary's epoch")
         node._start_common()
         if config.listen:
             node.replication = PrimaryReplication(
                 store, node.checkpoints, config.listen, config.control or default_side_channel(config.listen),
-                durability=config.durability, sync_timeout=config.sync_timeout,
+                durability=config.durability or Durability.ASYNC, sync_timeout=config.sync_timeout,
                 on_standby_loss=config.on_standby_loss, request_checkpoint=node.request_checkpoint,
-                stopping=fuse_session_exiting)
+                stopping=fuse_session_exiting,
+                peers=config.peer_channels or [default_side_channel(a) for a in config.peers],
+                name=config.name or default_name(config.data), taking_over=takeover is not None)
             node.replication.start()
-        elif config.durability is not Durability.ASYNC:
-            log.warning("--durability %s without --listen: there is no standby to wait for",
-                        config.durability.value)
+        else:
+            if config.durability not in (None, Durability.ASYNC):
+                log.warning("--durability %s without --listen: there is no standby to wait for",
+                            config.durability.value)
+            if takeover is None:
+                fenced_on_disk(store)
+        if takeover is not None:
+            took_over_at = store.last_seq
+            seq = store.begin_epoch(epoch)
+            store.make_writable()
+            node.takeover = Takeover(
+                epoch=epoch, seq=seq, took_over_at=took_over_at, announced=took_over_at + lacks, lacks=lacks,
+                listen=config.listen, control=config.control,
+                durability=(config.durability or Durability.ASYNC).value,
+                on_standby_loss=config.on_standby_loss.value, mount=config.mount,
+                peers=list(config.peer_channels), auto=False, forced=takeover.force)
+            log.warning("PROMOTED (stopped %s): primary of epoch %d from seq %d (took over after seq %d, "
+                        "%d record(s) announced by the old primary not held here)", last_role, epoch, seq,
+                        took_over_at, lacks)
+        if store.role != "primary":
+            store.set_meta(META_ROLE, b"primary")
+        if takeover is not None and on_promoted is not None:
+            assert node.takeover is not None
+            on_promoted(node.takeover)
+        assert config.mount is not None
         serve(TandemFS(store, fsync_hook=node.fsync_hook), config.mount)
     finally:
         node.shutdown()
@@ -343,7 +619,9 @@ def run_primary(config: NodeConfig) -> int:
 
 
 def run_standby(config: NodeConfig) -> int:
-    """Follow a primary in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    """Follow a primary in the foreground until SIGTERM/SIGINT; returns the exit code.
+
+    Promoted meanwhile, it goes on as the primary until the same signals (or unmount)."""
     from fs.mounting import serve, unmount
     from fs.operations import TandemFS
 
@@ -362,12 +640,15 @@ def run_standby(config: NodeConfig) -> int:
         node.fatal = reason
         node.exit_code = 3
         node._stop.set()
+        node._wake.set()
         if config.mount and os.path.ismount(config.mount):
             unmount(config.mount) or unmount(config.mount, lazy=True)
 
     def on_signal(signum: int, frame: object) -> None:
         node._stop.set()
+        node._wake.set()
 
+    node.on_fatal = on_fatal
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         node._start_common()
@@ -378,12 +659,13 @@ def run_standby(config: NodeConfig) -> int:
         if node.store is not None:
             node.follower._set_store(node.store)
         node.follower.start()
-        if config.mount:
-            while not node._store_ready.wait(0.2):
-                if node._stop.is_set():
-                    return node.exit_code
-            if not node._stop.is_set():
-                assert node.store is not None
+        if config.auto_promote_after is not None:
+            threading.Thread(target=node._auto_promote, args=(config.auto_promote_after,),
+                             name="auto-promote", daemon=True).start()
+        # The main thread mounts (now, or when a promotion asks for it) and runs the FUSE loop.
+        while not node._stop.is_set():
+            mountpoint = config.mount or node._mount_request
+            if mountpoint and node.store is not None:
                 # libfuse handles SIGTERM/SIGINT (ending the loop and unmounting) only where
                 # they have their default action; a Python handler could not run while the
                 # main thread is inside the loop.
@@ -391,13 +673,13 @@ def run_standby(config: NodeConfig) -> int:
                     signal.signal(sig, signal.SIG_DFL)
                 try:
                     # ends on SIGTERM/SIGINT or unmount
-                    serve(TandemFS(node.store, fsync_hook=node.fsync_hook), config.mount)
+                    serve(TandemFS(node.store, fsync_hook=node.fsync_hook), mountpoint)
                 finally:
                     for sig in previous:
                         signal.signal(sig, on_signal)
-        else:
-            while not node._stop.wait(0.5):
-                pass
+                break
+            node._wake.wait(0.2)
+            node._wake.clear()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

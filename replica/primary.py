@@ -15,6 +15,10 @@ synced them. If no standby answers within the sync timeout, fsync either keeps w
 (`block`) or the primary degrades to async (`degrade`) until a standby has caught up
 again; both are logged loudly and shown in status.
 
+A primary that learns of a higher epoch is fenced (replica/fencing.py): it refuses
+writes from then on, and fsyncs still waiting for a standby fail with EIO, since what
+they waited for will never be acknowledged by the cluster's new history.
+
 Only fsync, fdatasync and fsyncdir wait. close() after write does not: like a local
 filesystem, close promises nothing about durability, and a program that needs the data
 safe calls fsync. Making close wait would charge every small-file write a network round
@@ -31,9 +35,10 @@ import os
 import queue
 import threading
 import time
+import uuid
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -54,6 +59,7 @@ from .common import (
     env_int,
     make_socket,
 )
+from .fencing import Fencing, PeerWatch
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +71,20 @@ FETCH_RECORDS = 2048
 FETCH_BYTES = 4 << 20
 
 
+#: What the side channel accepts: a standby's messages, and other primaries' PEERs.
+ROUTER_TYPES = p.TO_PRIMARY | p.PEER_TYPES
+
+
 class ReplicationAborted(FsError):
     """An fsync that was waiting for a standby gives up because the node is stopping:
     the data is committed locally but not acknowledged as replicated (EIO)."""
+
+    errno = errno.EIO
+
+
+class FencedWhileWaiting(FsError):
+    """An fsync that was waiting for a standby gives up because this primary was fenced:
+    another node has taken over, and will never acknowledge it (EIO)."""
 
     errno = errno.EIO
 
@@ -113,7 +130,10 @@ class PrimaryReplication:
                  durability: Durability = Durability.ASYNC, sync_timeout: float = 5.0,
                  on_standby_loss: OnStandbyLoss = OnStandbyLoss.BLOCK,
                  request_checkpoint: Callable[[], object] | None = None,
-                 stopping: Callable[[], bool] | None = None) -> None:
+                 stopping: Callable[[], bool] | None = None, peers: Sequence[str] = (),
+                 name: str = "primary", taking_over: bool = False) -> None:
+        """`taking_over`: this node is about to begin a new epoch (promotion), which supersedes
+        any fence recorded on its store, so that fence is not applied."""
         self.store = store
         self.checkpoints = checkpoints
         self.listen = listen
@@ -139,7 +159,14 @@ class PrimaryReplication:
         self.blocked_since: float | None = None
         self.fsync_waits = 0
         self.fsync_timeouts = 0
-        self.fenced_by: int | None = None
+        self.name = name[:p.MAX_NAME]
+        #: Tells this process's own PEERs apart from another primary's (a peer address that
+        #: turns out to be this node's own side channel).
+        self.instance = uuid.uuid4().hex[:8].encode()
+        self.fencing = Fencing(store, on_fenced=self._wake, check_disk=not taking_over)
+        self.peer_watch = PeerWatch(store, self.fencing, list(peers),
+                                    b"peer:" + self.name.encode() + b"#" + self.instance,
+                                    self.name) if peers else None
         # Publisher state (published seq and when, for lag in seconds).
         self.published_seq = store.last_seq
         self._published_times: deque[tuple[int, float]] = deque(maxlen=100_000)
@@ -160,15 +187,32 @@ class PrimaryReplication:
             except BaseException:
                 self.stop()
                 raise
+        if self.peer_watch is not None:
+            try:
+                self.peer_watch.start()
+            except BaseException:
+                self.stop()
+                raise
         log.info("replicating: stream on %s, side channel on %s, durability %s (timeout %.1fs, on "
                  "standby loss: %s)", self.listen, self.control, self.durability.value,
                  self.sync_timeout, self.on_standby_loss.value)
+
+    @property
+    def fenced_by(self) -> int | None:
+        return self.fencing.fenced_by
+
+    def _wake(self) -> None:
+        """Fenced: fsyncs waiting for a standby must look again (and fail)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def stop(self) -> None:
         self._stop.set()
         self._queue.put(None)
         with self._cond:
             self._cond.notify_all()
+        if self.peer_watch is not None:
+            self.peer_watch.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         if self._on_commit in self.store.listeners:
@@ -298,15 +342,19 @@ class PrimaryReplication:
             send([identity, *p.encode(type_, self.store.cluster_id, self.store.epoch, body, payload)])
 
         try:
-            msg = p.decode(rest, p.TO_PRIMARY)
+            msg = p.decode(rest, ROUTER_TYPES)
             if msg.type is p.MsgType.HELLO and msg.cluster_id not in (self.store.cluster_id, p.NO_CLUSTER):
                 reply(p.MsgType.REFUSE, (p.REFUSE_CLUSTER,),
                       [f"this primary serves cluster {self.store.cluster_id.hex()}; your store is of "
                        f"cluster {msg.cluster_id.hex()}".encode()])
                 raise p.BadMessage("cluster", f"HELLO from cluster {msg.cluster_id.hex()}")
             p.check_sender(msg, self.store.cluster_id, self.store.epoch)
-            if msg.epoch > self.store.epoch:
-                self._fence(msg.epoch, _name_of(identity))
+            if msg.type is p.MsgType.PEER:
+                self._peer(identity, msg, reply)
+                return
+            if msg.epoch > self.store.epoch and msg.cluster_id == self.store.cluster_id:
+                # (A node without a store says HELLO without a cluster: it knows no epoch of ours.)
+                self.fencing.superseded(msg.epoch, f"standby {_name_of(identity)}")
             self._dispatch(identity, msg, reply)
         except p.BadMessage as exc:
             self.drops.drop(exc.kind, f"from {identity[:80]!r}: {exc.detail}")
@@ -314,13 +362,19 @@ class PrimaryReplication:
             log.exception("side channel failed on a message from %r", identity[:80])
             self.drops.drop("error", "handler failed")
 
-    def _fence(self, epoch: int, name: str) -> None:
-        """A peer knows a higher epoch: another node has been promoted. Stop writing."""
-        if self.fenced_by is None or epoch > self.fenced_by:
-            self.fenced_by = epoch
-            log.critical("FENCED: standby %s knows epoch %d, above this primary's %d; refusing writes",
-                         name, epoch, self.store.epoch)
-            self.store.make_read_only(f"fenced: a peer knows epoch {epoch} > {self.store.epoch}")
+    def _peer(self, identity: bytes, msg: p.Message, reply: Callable) -> None:
+        """Another primary's PEER: judge the epochs, and answer so that it can judge too."""
+        if identity.endswith(b"#" + self.instance):
+            return  # this node's own PEER, sent to an address that turned out to be its own
+        if msg.epoch < self.store.epoch:
+            self.drops.drop("stale_epoch", f"PEER of epoch {msg.epoch} < {self.store.epoch} from "
+                            f"{identity[:80]!r} (answered: it learns of this epoch)")
+        self.fencing.peer(msg.payload[0].decode(), msg.epoch, msg.body)
+        if not msg.body.flags & p.PEER_REPLY:
+            store = self.store
+            first = store.epoch_history[-1][1] if store.epoch_history else 1
+            flags = p.PEER_REPLY | (p.PEER_FENCED if self.fencing.fenced else 0)
+            reply(p.MsgType.PEER, (max(store.last_seq, first), first, flags), [self.name.encode()])
 
     def _dispatch(self, identity: bytes, msg: p.Message, reply: Callable) -> None:
         t = msg.type
@@ -341,8 +395,11 @@ class PrimaryReplication:
                 peer.last_seen = time.monotonic()
                 self._names[name] = peer.received
                 self._cond.notify_all()
-            log.info("standby %s said hello at seq %d (primary at %d)", name, applied, self.store.last_seq)
-            reply(p.MsgType.WELCOME, (self.store.last_seq, self.store.first_seq(), self._ack_flags()))
+            log.info("standby %s said hello at seq %d, epoch %d (primary at %d, epoch %d)", name, applied,
+                     msg.epoch, self.store.last_seq, self.store.epoch)
+            history = self.store.epoch_history or [(self.store.epoch, 1)]
+            reply(p.MsgType.WELCOME, (self.store.last_seq, self.store.first_seq(), self._ack_flags()),
+                  [p.encode_history(history)])
             return
         peer = self._touch(identity, msg.epoch)
         if t is p.MsgType.ACK:
@@ -462,6 +519,10 @@ class PrimaryReplication:
             warned = aborted = False
             try:
                 while not self._satisfied(seq):
+                    if self.fencing.fenced:
+                        log.error("fsync of seq %d failed unreplicated: %s", seq, self.fencing.reason)
+                        aborted = True
+                        raise FencedWhileWaiting(f"seq {seq} not replicated: {self.fencing.reason}")
                     if self._stop.is_set() or self._stopping():
                         log.error("fsync of seq %d abandoned unreplicated: the node is stopping", seq)
                         aborted = True
@@ -553,6 +614,7 @@ class PrimaryReplication:
                 "stream_messages": self.stream_messages,
                 "standbys": standbys,
                 "known_standbys": dict(self._names),
-                "fenced_by_epoch": self.fenced_by,
+                **self.fencing.status(),
+                "peer_watch": self.peer_watch.status() if self.peer_watch else None,
                 "dropped": self.drops.snapshot(),
             }

@@ -20,6 +20,7 @@ Sockets and directions
     ROUTER (primary) -> DEALER (standby):                      WELCOME, REFUSE, RECORDS,
                                                                 NOT_RETAINED, SNAP_INFO,
                                                                 SNAP_WAIT, SNAP_CHUNK, SNAP_GONE
+    DEALER (primary) <-> ROUTER (another primary's side channel): PEER
 Acknowledgements never ride on PUB/SUB. RECORDS means the same on both paths: the live
 stream, or the answer to a FETCH.
 
@@ -30,6 +31,10 @@ Types, bodies and payloads
                  retained), flags u8 (ACK_* : which acks the primary's fsyncs wait for)
     HELLO        applied_seq u64                 + 1 frame: node name, UTF-8, 1..64 bytes
     WELCOME      last_seq u64, first_seq u64, flags u8
+                                                 + 1 frame: the primary's epoch history, 1..4096
+                                                   (epoch u64, first seq u64) pairs, both
+                                                   strictly ascending, the last epoch not above
+                                                   the envelope's and its first seq <= last_seq
     REFUSE       code u8 (REFUSE_*)              + 1 frame: reason, UTF-8, <= 512 bytes
     FETCH        start u64, stop u64 (records start <= seq < stop; 1 <= start < stop)
     NOT_RETAINED start u64, first_seq u64 (the primary's oldest retained record)
@@ -40,6 +45,8 @@ Types, bodies and payloads
     SNAP_CHUNK   snap_id u64, offset u64, crc32 u32 + 1 frame: the bytes (<= MAX_CHUNK)
     SNAP_GONE    snap_id u64 (not available any more: start over)
     ACK          received u64, durable u64 (durable <= received)
+    PEER         last_seq u64, epoch_first_seq u64 (where the sender's epoch began),
+                 flags u8 (PEER_*)               + 1 frame: node name, UTF-8, 1..64 bytes
 
 Snapshot transfer is the ZeroMQ guide's credit-based file transfer: the standby keeps up
 to a fixed number of SNAP_GET requests in flight and sends the next one as each chunk
@@ -48,8 +55,20 @@ arrives, so the primary never queues more than the standby asked for.
 Epochs. The epoch in a message is the highest the sender knows. Messages that speak
 for a primary (RECORDS, HEARTBEAT, WELCOME, NOT_RETAINED, SNAP_*) from a lower epoch than
 the receiver knows come from a deposed primary and are dropped as stale. A standby's
-messages may carry a lower epoch (it has not yet received the new epoch's records);
-a standby message from a *higher* epoch tells a primary it has been superseded.
+messages may carry a lower epoch (it has not yet received the new epoch's records; an
+old primary rejoining as a standby says HELLO from the epoch it was deposed in): they
+are served, and the WELCOME's epoch history lets the standby find where its journal
+parted from the primary's. A standby message from a *higher* epoch tells a primary it
+has been superseded: the primary stops accepting writes (fencing).
+
+PEER is how primaries find each other (replica/fencing.py). A primary sends one every
+half second to each peer it knows (the primary it was promoted from, and --peer
+addresses); a primary that receives one answers with its own (flag PEER_REPLY, never
+answered). Whoever learns of a higher epoch than its own is fenced; two primaries of
+the same epoch are both fenced and report it as fatal; a PEER from a lower epoch is
+counted as stale (and its sender learns of the higher epoch from the answer). PEER is
+not a standby's message: it is accepted on the ROUTER beside TO_PRIMARY (PEER_TYPES),
+and on the prober's DEALER alone.
 
 Validation. `decode` checks everything that can be checked without state (magic, version,
 type allowed on this socket, frame count, exact lengths, ranges, UTF-8, record headers
@@ -58,9 +77,12 @@ whose `kind` names a counter; receivers drop the message and count it. Journal r
 are verified again (CRC, cluster, seq) by `Store.apply_records` before anything applies.
 
 Control socket. The local control socket (replica/control.py) speaks JSON: a request
-{"v": 1, "cmd": "status" | "checkpoint" | "digest"} and a reply {"ok": bool, ...}; it is
-local to the machine and served by every running node. `encode_control`/`decode_control`
-are its codec.
+{"v": 1, "cmd": "status" | "checkpoint" | "digest" | "promote", ...} and a reply
+{"ok": bool, ...}; it is local to the machine and served by every running node.
+`encode_control`/`decode_control` are its codec. "promote" (served by a standby) takes
+"force" (bool), and optionally "listen", "control", "mount", "durability", "sync_timeout",
+"on_standby_loss" and "peers" (a list of stream addresses); its reply says the epoch
+taken, where it began, and how many records the node may lack.
 """
 
 from __future__ import annotations
@@ -102,6 +124,12 @@ ACK_DURABLE = 0x02
 REFUSE_CLUSTER = 1  # the standby's store belongs to another cluster
 REFUSE_NOT_PRIMARY = 2  # the node asked is not (or no longer) a primary
 
+PEER_REPLY = 0x01  # an answer to a PEER: not to be answered
+PEER_FENCED = 0x02  # the sender does not accept writes (fenced, or split brain)
+#: Longest epoch history a WELCOME carries (each promotion adds one entry).
+MAX_HISTORY = 4096
+_PAIR = struct.Struct(">QQ")
+
 
 class MsgType(enum.IntEnum):
     RECORDS = 1
@@ -118,6 +146,7 @@ class MsgType(enum.IntEnum):
     SNAP_CHUNK = 19
     SNAP_GONE = 20
     ACK = 21
+    PEER = 22
 
 
 class Records(NamedTuple):
@@ -191,6 +220,12 @@ class Ack(NamedTuple):
     durable: int
 
 
+class Peer(NamedTuple):
+    last_seq: int
+    epoch_first_seq: int
+    flags: int
+
+
 class _Spec(NamedTuple):
     body: struct.Struct
     tuple_type: type
@@ -202,7 +237,7 @@ BODIES: dict[MsgType, _Spec] = {
     MsgType.RECORDS: _Spec(struct.Struct(">QI"), Records, None),
     MsgType.HEARTBEAT: _Spec(struct.Struct(">QQQB"), Heartbeat, 0),
     MsgType.HELLO: _Spec(struct.Struct(">Q"), Hello, 1),
-    MsgType.WELCOME: _Spec(struct.Struct(">QQB"), Welcome, 0),
+    MsgType.WELCOME: _Spec(struct.Struct(">QQB"), Welcome, 1),
     MsgType.REFUSE: _Spec(struct.Struct(">B"), Refuse, 1),
     MsgType.FETCH: _Spec(struct.Struct(">QQ"), Fetch, 0),
     MsgType.NOT_RETAINED: _Spec(struct.Struct(">QQ"), NotRetained, 0),
@@ -213,6 +248,7 @@ BODIES: dict[MsgType, _Spec] = {
     MsgType.SNAP_CHUNK: _Spec(struct.Struct(">QQI"), SnapChunk, 1),
     MsgType.SNAP_GONE: _Spec(struct.Struct(">Q"), SnapGone, 0),
     MsgType.ACK: _Spec(struct.Struct(">QQ"), Ack, 0),
+    MsgType.PEER: _Spec(struct.Struct(">QQB"), Peer, 1),
 }
 
 #: What each socket may receive.
@@ -222,6 +258,8 @@ TO_STANDBY = frozenset({
     MsgType.WELCOME, MsgType.REFUSE, MsgType.RECORDS, MsgType.NOT_RETAINED, MsgType.SNAP_INFO,
     MsgType.SNAP_WAIT, MsgType.SNAP_CHUNK, MsgType.SNAP_GONE,
 })
+#: Primary to primary, both ways (see "PEER" above); epochs are judged by replica/fencing.py.
+PEER_TYPES = frozenset({MsgType.PEER})
 #: Messages that speak for a primary: stale when their epoch is below the receiver's.
 FROM_PRIMARY = STREAM_TYPES | TO_STANDBY
 
@@ -348,6 +386,38 @@ def _welcome(message: Message) -> None:
     last_seq, first_seq, _flags = message.body
     if first_seq > last_seq + 1 or first_seq < 1:
         raise BadMessage("malformed", f"WELCOME retains from {first_seq} but ends at {last_seq}")
+    history = decode_history(message.payload[0])
+    if not history:
+        raise BadMessage("malformed", "WELCOME without an epoch history")
+    if history[-1][0] > message.epoch or history[-1][1] > last_seq:
+        raise BadMessage("malformed", f"WELCOME history ends at {history[-1]}, beyond epoch {message.epoch} "
+                         f"seq {last_seq}")
+
+
+def encode_history(history: Sequence[tuple[int, int]]) -> bytes:
+    """A WELCOME's epoch history frame."""
+    return b"".join(_PAIR.pack(epoch, seq) for epoch, seq in history)
+
+
+def decode_history(raw: bytes) -> list[tuple[int, int]]:
+    """An epoch history frame: whole pairs, strictly ascending in both epoch and seq."""
+    if len(raw) % _PAIR.size or len(raw) > MAX_HISTORY * _PAIR.size:
+        raise BadMessage("malformed", f"epoch history of {len(raw)} bytes")
+    history = [_PAIR.unpack_from(raw, i) for i in range(0, len(raw), _PAIR.size)]
+    for (e1, s1), (e2, s2) in zip(history, history[1:], strict=False):
+        if not (e2 > e1 and s2 > s1):
+            raise BadMessage("malformed", f"epoch history not ascending: ({e1}, {s1}) then ({e2}, {s2})")
+    if history and (history[0][0] < 1 or history[0][1] < 1):
+        raise BadMessage("malformed", f"epoch history begins with {history[0]}")
+    return history
+
+
+def _peer(message: Message) -> None:
+    last_seq, epoch_first_seq, flags = message.body
+    _text(message.payload[0], MAX_NAME, "node name")
+    if not 1 <= epoch_first_seq <= last_seq or flags & ~(PEER_REPLY | PEER_FENCED):
+        raise BadMessage("malformed", f"PEER with epoch from seq {epoch_first_seq} to {last_seq}, "
+                         f"flags {flags:#x}")
 
 
 def _refuse(message: Message) -> None:
@@ -405,13 +475,14 @@ _VALIDATORS = {
     MsgType.SNAP_CHUNK: _snap_chunk,
     MsgType.SNAP_GONE: _none,
     MsgType.ACK: _ack,
+    MsgType.PEER: _peer,
 }
 assert set(_VALIDATORS) == set(MsgType) == set(BODIES)
 
 
 # --- control socket ----------------------------------------------------------------------
 CONTROL_VERSION = 1
-CONTROL_COMMANDS = frozenset({"status", "checkpoint", "digest"})
+CONTROL_COMMANDS = frozenset({"status", "checkpoint", "digest", "promote"})
 MAX_CONTROL = 1 << 20
 
 

@@ -14,6 +14,18 @@ standby bootstraps from a snapshot: a checkpoint file streamed in chunks on cred
 (`SnapshotDownload`), resumable after a crash, installed in place of the store (under a
 live mount too: `Store.replace_with`), and then continues from the snapshot's seq.
 
+Rejoining after a failover. The WELCOME carries the primary's epoch history; if this
+node holds records the primary does not (an old primary coming back as a standby, or a
+standby that received records its new primary never had), its state holds changes that
+are not the cluster's: fetching on top of them would mix two histories. The node exports
+those divergent records (replica/divergence.py), then rebuilds its store from the
+primary's snapshot, keeping its old environment beside the export, and follows from
+there. A node without divergent records just catches up by fetching.
+
+What the node has heard from its primary (the highest epoch, the last seq announced, the
+acks its fsyncs wait for) is kept in the store's meta (META_UPSTREAM), so that promotion
+can refuse a node known to be behind even after a restart, and choose defaults.
+
 Acknowledgements: `received` once records are applied, `durable` once synced. Syncs are
 batched: one per pass of the loop when the primary's fsyncs wait for durable acks (so
 every record that arrived while the previous sync ran shares the next), else once a
@@ -38,8 +50,9 @@ from pathlib import Path
 
 import zmq
 
-from journal.errors import CorruptRecord, SequenceGap, StoreError, StoreFull, WrongCluster
-from journal.schema import META_ROLE
+from journal.checkpoints import Checkpoints
+from journal.errors import CorruptRecord, SequenceGap, StaleEpoch, StoreError, StoreFull, WrongCluster
+from journal.schema import META_FENCED, META_ROLE, META_UPSTREAM
 from journal.store import Store, inspect_environment, is_store
 
 from . import protocol as p
@@ -52,6 +65,7 @@ from .common import (
     env_int,
     make_socket,
 )
+from .divergence import Divergence, divergence_point, epoch_at, export
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +81,29 @@ APPLY_BATCH = 4096
 LAZY_SYNC = 1.0
 DEFAULT_CREDIT = 8
 INCOMING = "incoming"
+#: What the node heard from its primary is written to meta at most this often (seconds).
+UPSTREAM_EVERY = 0.5
+#: A pass of the follower loop later than this after the previous one means this process
+#: was not running (paused, swapped, a VM frozen): the primary's silence meanwhile is not
+#: evidence that it died, so silence is counted again from then (seconds).
+STALL_LIMIT = 0.5
+
+
+def _int(mapping: dict[str, object], key: str) -> int:
+    value = mapping.get(key, 0)
+    return value if isinstance(value, int) else 0
+
+
+def read_upstream(store: Store) -> dict[str, object]:
+    """What this store's node last heard from its primary (META_UPSTREAM), or {}."""
+    raw = store.get_meta(META_UPSTREAM)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class State(str, enum.Enum):
@@ -241,14 +278,34 @@ class Follower:
         self.error: str | None = None
         self.drops = DropCounter(log, "replication")
         self.epoch = store.epoch if store else 0
+        #: The highest last seq announced by a primary of epoch `seen_epoch` (or this
+        #: store's own last seq, when that is higher and nothing newer was heard).
         self.known_last = store.last_seq if store else 0
+        # What a previous run heard from this same primary: a standby restarted while its
+        # primary is down still knows how far the primary had got.
+        upstream = read_upstream(store) if store else {}
+        if upstream.get("primary") != primary:
+            upstream = {}
+        self.seen_epoch = _int(upstream, "epoch")
+        self.known_last = max(self.known_last, _int(upstream, "last_seq"))
+        self._upstream_saved: dict[str, object] | None = None
+        self._upstream_at = 0.0
+        #: The divergent records this node exported when it rejoined, if it did.
+        self.divergence: Divergence | None = None
+        self._resync: Divergence | None = None
+        self._drain = False
         self.primary_first = 0
-        self.ack_flags = 0
+        #: Which acks the primary's fsyncs wait for (heartbeat flags); remembered across restarts.
+        self.ack_flags = _int(upstream, "ack_flags")
         self.pending: dict[int, bytes] = {}
         self._pending_bytes = 0
         self._fetch: tuple[int, int, float] | None = None
         self._hello_at = 0.0
         self.last_heartbeat: float | None = None
+        #: When the last pass over the sockets began (all that had arrived by then was read),
+        #: and since when the loop has run without a stall.
+        self.last_pump = 0.0
+        self.awake_since = time.monotonic()
         self.heartbeat_time_ns = 0
         self.behind_since: float | None = None
         self.synced = store.last_seq if store else 0
@@ -257,7 +314,7 @@ class Follower:
         self._ack_at = 0.0
         self.snapshot = SnapshotDownload(self.data, env_int(ENV_SNAPSHOT_CREDIT, DEFAULT_CREDIT))
         self.stats = {"applied_records": 0, "stream_records": 0, "gaps": 0, "fetches": 0,
-                      "fetched_records": 0, "snapshots": 0, "snapshot_resumes": 0}
+                      "fetched_records": 0, "snapshots": 0, "snapshot_resumes": 0, "divergent_records": 0}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
@@ -273,13 +330,18 @@ class Follower:
         self._thread.start()
         started.wait()
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False) -> None:
+        """Stop following. With `drain`, first apply what has already arrived (records the
+        primary sent before it died), without asking for more: promotion's last step."""
+        self._drain = drain
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.snapshot.close()
         if self._ctx is not None:
             self._ctx.term()
+        if self.store is not None and self.state not in (State.SNAPSHOT, State.REFUSED):
+            self._remember_upstream(time.monotonic(), force=True)
 
     def _run(self, started: Started) -> None:
         assert self._ctx is not None
@@ -308,21 +370,25 @@ class Follower:
         poller.register(dealer, zmq.POLLIN)
         try:
             self._hello()
+            previous = 0.0
             while not self._stop.is_set() and self.state not in (State.REFUSED, State.FAILED):
                 poller.poll(50)
-                for _ in range(1000):
-                    try:
-                        frames = sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                # Passes start at most a poll timeout (plus one pass's work) apart; a longer gap
+                # means this process did not run, wherever it was stopped.
+                started = time.monotonic()
+                if previous and started - previous > STALL_LIMIT:
+                    log.warning("the follower did not run for %.1fs (paused?): the primary's silence is "
+                                "counted afresh", started - previous)
+                    self.awake_since = started
+                previous = started
+                self._pump(sub, dealer)
+                self.last_pump = started  # everything that had arrived by then has been read
+            if self._drain and self.state in (State.FOLLOWING, State.CATCHING_UP):
+                for _ in range(20):
+                    if not self._pump(sub, dealer):
                         break
-                    self._on_stream(frames)
-                for _ in range(1000):
-                    try:
-                        frames = dealer.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_side(frames)
-                self._step()
+                log.info("stopped following at seq %d (primary announced %d)", self.store.last_seq
+                         if self.store else 0, self.known_last)
         except FollowerFatal as exc:
             self._fatal(str(exc), State.FAILED)
         except Exception as exc:
@@ -332,6 +398,34 @@ class Follower:
             self._dealer = None
             sub.close()
             dealer.close()
+
+    def _pump(self, sub: zmq.Socket, dealer: zmq.Socket) -> int:
+        """Handle what has arrived on both sockets, then step; returns how many messages."""
+        handled = 0
+        for _ in range(1000):
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_stream(frames)
+            handled += 1
+        for _ in range(1000):
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_side(frames)
+            handled += 1
+        self._step()
+        return handled
+
+    def silence(self) -> float:
+        """Seconds without a heartbeat that this follower observed while running: from the
+        later of the last heartbeat and the last stall, to the start of its last pass over
+        its sockets (which read everything that had arrived by then)."""
+        if self.last_heartbeat is None or not self.last_pump:
+            return 0.0
+        return max(0.0, self.last_pump - max(self.last_heartbeat, self.awake_since))
 
     def _fatal(self, reason: str, state: State) -> None:
         self.state = state
@@ -378,11 +472,12 @@ class Follower:
             hb = msg.body
             self.last_heartbeat = time.monotonic()
             self.heartbeat_time_ns = hb.time_ns
-            self.known_last = max(self.known_last, hb.last_seq)
+            self._heard(msg.epoch, hb.last_seq)
             self.primary_first = hb.first_seq
             self.ack_flags = hb.flags
         else:
             self.stats["stream_records"] += len(msg.payload)
+            self._heard(msg.epoch, msg.body.first_seq + msg.body.count - 1)
             self._receive(msg.body.first_seq, msg.payload)
 
     def _on_side(self, frames: list[bytes]) -> None:
@@ -408,6 +503,14 @@ class Follower:
             self._dispatch_side(msg)
         except p.BadMessage as exc:
             self.drops.drop(exc.kind, exc.detail)
+
+    def _heard(self, epoch: int, last_seq: int) -> None:
+        """A primary of `epoch` has records up to `last_seq`."""
+        if epoch > self.seen_epoch:
+            self.seen_epoch = epoch
+            self.known_last = max(last_seq, self.store.last_seq if self.store else 0)
+        else:
+            self.known_last = max(self.known_last, last_seq)
 
     def _learn_epoch(self, epoch: int) -> None:
         if epoch > self.epoch:
@@ -451,13 +554,22 @@ class Follower:
 
     def _welcome(self, msg: p.Message) -> None:
         body = msg.body
-        self.known_last = max(self.known_last, body.last_seq)
+        self._heard(msg.epoch, body.last_seq)
         self.primary_first = body.first_seq
         self.ack_flags = body.flags
         if self.state is not State.CONNECTING:
             return  # an answer to a repeated hello
-        log.info("welcomed by primary of cluster %s at seq %d (retains from %d)", msg.cluster_id.hex(),
-                 body.last_seq, body.first_seq)
+        # The primary's word on its last seq replaces whatever this node remembered.
+        self.seen_epoch = msg.epoch
+        self.known_last = body.last_seq
+        history = p.decode_history(msg.payload[0])
+        log.info("welcomed by primary of cluster %s, epoch %d, at seq %d (retains from %d)",
+                 msg.cluster_id.hex(), msg.epoch, body.last_seq, body.first_seq)
+        if self.store is not None:
+            point = divergence_point(self.store.epoch_history, self.store.last_seq, history, body.last_seq)
+            if point is not None:
+                self._diverged(point, msg.epoch, history)
+                return
         if self.store is None:
             if self.snapshot.wanted() or body.first_seq > 1:
                 self.snapshot.cluster_id = msg.cluster_id
@@ -468,10 +580,33 @@ class Follower:
             log.info("created an empty store for cluster %s", msg.cluster_id.hex())
         self.state = State.CATCHING_UP
 
+    def _diverged(self, point: int, primary_epoch: int, history: list[tuple[int, int]]) -> None:
+        """This node holds records from `point` on that are not the primary's: export them,
+        then rebuild from the primary's snapshot (never fetch on top of them)."""
+        store = self.store
+        assert store is not None
+        there = (f"of epoch {epoch_at(history, point)} there" if point <= self.known_last
+                 else "not there at all")
+        log.warning("DIVERGED: records %d..%d here are not the primary's (seq %d is %s, of epoch %d here): "
+                    "exporting them, then rebuilding this node from the primary's snapshot", point,
+                    store.last_seq, point, there, epoch_at(store.epoch_history, point))
+        try:
+            found = export(store, point, primary=self.primary, primary_epoch=primary_epoch,
+                           primary_history=history)
+        except OSError as exc:
+            raise FollowerFatal(f"cannot export the divergent records {point}..{store.last_seq} ({exc}); "
+                                "not resynchronising without them") from exc
+        self.divergence = self._resync = found
+        self.stats["divergent_records"] += found.records
+        self.snapshot.discard()  # a partial download of the old history must not be resumed
+        self._begin_snapshot()
+
     def _set_store(self, store: Store) -> None:
         store.make_read_only(f"standby: following {self.primary}")
         if store.role != "standby":
             store.set_meta(META_ROLE, b"standby")
+        if store.get_meta(META_FENCED) is not None:
+            store.delete_meta(META_FENCED)  # a fence is about a reign as primary, which is over
         self.store = store
         self.synced = store.last_seq
         self.epoch = max(self.epoch, store.epoch)
@@ -509,6 +644,8 @@ class Follower:
             before = store.last_seq
             try:
                 store.apply_records(batch)
+            except StaleEpoch as exc:
+                self.drops.drop("stale_epoch", str(exc))
             except (CorruptRecord, WrongCluster, SequenceGap) as exc:
                 self.drops.drop("record", str(exc))
             except StoreFull as exc:
@@ -529,6 +666,25 @@ class Follower:
         self._apply_pending()
         self._maybe_fetch(now)
         self._ack(now)
+        if self.state in (State.FOLLOWING, State.CATCHING_UP):
+            self._remember_upstream(now)
+
+    def _remember_upstream(self, now: float, force: bool = False) -> None:
+        """Keep what was heard from the primary in meta (META_UPSTREAM), for promotion."""
+        store = self.store
+        if store is None:
+            return
+        value = {"primary": self.primary, "control": self.control, "epoch": max(self.seen_epoch, self.epoch),
+                 "last_seq": self.known_last, "ack_flags": self.ack_flags}
+        if value == self._upstream_saved or (not force and now - self._upstream_at < UPSTREAM_EVERY):
+            return
+        try:
+            store.set_meta(META_UPSTREAM, json.dumps(value).encode())
+        except StoreError as exc:
+            log.warning("could not record what the primary announced: %s", exc)
+            return
+        self._upstream_saved = value
+        self._upstream_at = now
 
     def _hello(self) -> None:
         self._hello_at = time.monotonic()
@@ -615,7 +771,7 @@ class Follower:
         if self.state is not State.SNAPSHOT or self.snapshot.snap_id:
             raise p.BadMessage("unexpected", "SNAP_INFO not asked for")
         snap_id, size, chunk = msg.body
-        if self.store is not None and snap_id <= self.store.last_seq:
+        if self.store is not None and snap_id <= self.store.last_seq and self._resync is None:
             log.info("snapshot %d is not ahead of this store (seq %d); fetching instead", snap_id,
                      self.store.last_seq)
             self.state = State.CATCHING_UP
@@ -661,14 +817,31 @@ class Follower:
                 raise FollowerFatal(f"{self.data} gained a store while bootstrapping")
             self._set_store(Store.from_checkpoint(self.data, snap.directory, max_size=self.max_size))
         else:
-            self.store.replace_with(snap.directory)
+            resync = self._resync
+            self.store.replace_with(snap.directory, keep_old=resync.state_dir if resync else None)
             self.synced = self.store.last_seq
             self.epoch = max(self.epoch, self.store.epoch)
             if self.store.role != "standby":
                 self.store.set_meta(META_ROLE, b"standby")
+            if resync is not None:
+                self._resync = None
+                self._drop_checkpoints_from(resync.from_seq)
+                log.warning("rebuilt from the primary's snapshot at seq %d; the state before it is kept in "
+                            "%s", self.store.last_seq, resync.state_dir)
+            self._upstream_saved = None
+            self._remember_upstream(time.monotonic(), force=True)
         snap.discard()
         log.info("bootstrapped from snapshot at seq %d", self.store.last_seq)
         self.state = State.CATCHING_UP
+
+    def _drop_checkpoints_from(self, seq: int) -> None:
+        """Delete this node's checkpoints of seq >= `seq`: they hold the divergent history
+        (kept whole in the export's state/), and must never be served as the cluster's."""
+        assert self.store is not None
+        for checkpoint in Checkpoints(self.store).list():
+            if checkpoint.seq >= seq:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+                log.info("removed checkpoint %s of the divergent history", checkpoint.path)
 
     # --- status -----------------------------------------------------------------------
     def status(self) -> dict[str, object]:
@@ -684,13 +857,16 @@ class Follower:
             "applied_seq": applied,
             "durable_seq": self.synced,
             "primary_last_seq": self.known_last,
+            "primary_epoch": self.seen_epoch,
             "primary_first_seq": self.primary_first,
             "lag_records": lag,
             "lag_seconds": round(now - self.behind_since, 3) if lag and self.behind_since else 0.0,
             "heartbeat_age_seconds": round(now - self.last_heartbeat, 3) if self.last_heartbeat else None,
+            "observed_silence_seconds": round(self.silence(), 3),
             "pending_records": len(self.pending),
             "snapshot": self.snapshot.progress() if self.state is State.SNAPSHOT else None,
             "durable_acks_wanted": bool(self.ack_flags & p.ACK_DURABLE),
+            "divergence": self.divergence.as_dict() if self.divergence else None,
             **self.stats,
             "dropped": self.drops.snapshot(),
         }

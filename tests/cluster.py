@@ -4,10 +4,15 @@ Nodes are `python mount.py primary|standby ...` subprocesses with free loopback 
 each with its own data directory, mountpoint and log. Every wait has a deadline and
 fails with the node logs attached; teardown always resumes stopped processes, sends
 SIGTERM then SIGKILL, and unmounts (fusermount3 -u, then lazily), pass or fail.
+
+Failover: `promote` promotes a running standby in place, `take_over` starts a stopped
+standby's data directory as the new primary (`mount.py promote` in the foreground), and
+`rejoin` starts an old primary's data directory as a standby of the new one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -212,6 +217,49 @@ class Cluster:
             proc.start()
             if wait:
                 proc.wait_ready()
+        return proc
+
+    def promote(self, proc: Proc, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+        """`mount.py promote --json` on a running standby; asserts its exit code. Once
+        promoted, the node's `address` is the stream it now serves."""
+        result = cli("promote", "--data", str(proc.data), "--json", *extra)
+        assert result.returncode == expect, f"promote exited {result.returncode}: {result.stdout}" \
+                                            f"{result.stderr}\n{proc.log()}"
+        if result.returncode == 0:
+            proc.address = json.loads(result.stdout)["listen"]
+            proc.role = "primary"
+        return result
+
+    def take_over(self, stopped: Proc, *extra: str, mount: Path | None = None, start: bool = True) -> Proc:
+        """A stopped standby's data directory started as the new primary, in the foreground."""
+        mountpoint = mount or stopped.mount or self.root / f"{stopped.name}-mnt"
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        name = f"{stopped.name}-promoted"
+        proc = Proc(name, "primary", stopped.data, mountpoint,
+                    ["promote", "--data", str(stopped.data), "--mount", str(mountpoint), *extra],
+                    self.root / f"{name}.log", None)
+        self.procs.append(proc)
+        if start:
+            proc.start().wait_ready()
+            status = proc.wait_status(lambda s: s["role"] == "primary" and s.get("replication"), 10,
+                                      "serving as the new primary")
+            proc.address = status["replication"]["listen"]
+        return proc
+
+    def rejoin(self, old: Proc, primary: Proc, *extra: str, mount: bool = True, wait: bool = True) -> Proc:
+        """An old primary's data directory started as a standby of `primary`."""
+        name = f"{old.name}-rejoined"
+        mountpoint = (old.mount or self.root / f"{old.name}-mnt") if mount else None
+        args = ["standby", "--data", str(old.data), "--primary", primary.address, "--name", name]
+        if mountpoint is not None:
+            mountpoint.mkdir(parents=True, exist_ok=True)
+            args += ["--mount", str(mountpoint)]
+        proc = Proc(name, "standby", old.data, mountpoint, args + list(extra), self.root / f"{name}.log",
+                    None)
+        self.procs.append(proc)
+        proc.start()
+        if wait:
+            proc.wait_ready()
         return proc
 
     def logs(self) -> str:

@@ -48,7 +48,7 @@ BODY_VALUES = {
     p.MsgType.RECORDS: ((2, 2), records(2, 2)),
     p.MsgType.HEARTBEAT: ((9, 123, 3, p.ACK_DURABLE), []),
     p.MsgType.HELLO: ((5,), [b"node"]),
-    p.MsgType.WELCOME: ((9, 1, 0), []),
+    p.MsgType.WELCOME: ((9, 1, 0), [p.encode_history([(1, 1), (3, 5)])]),
     p.MsgType.REFUSE: ((p.REFUSE_CLUSTER,), [b"why"]),
     p.MsgType.FETCH: ((3, 10), []),
     p.MsgType.NOT_RETAINED: ((3, 7), []),
@@ -59,6 +59,7 @@ BODY_VALUES = {
     p.MsgType.SNAP_CHUNK: ((7, 0, zlib.crc32(b"data")), [b"data"]),
     p.MsgType.SNAP_GONE: ((7,), []),
     p.MsgType.ACK: ((9, 8), []),
+    p.MsgType.PEER: ((9, 5, p.PEER_REPLY), [b"node"]),
 }
 
 
@@ -273,8 +274,9 @@ def test_primary_survives_forged_frames(cluster: Cluster) -> None:
         # Well-formed but bogus: an ACK beyond the primary's last seq, a FETCH from another cluster.
         dealer.send_multipart(p.encode(p.MsgType.ACK, cluster_id, 1, (last_seq + 10**6, 0)))
         dealer.send_multipart(p.encode(p.MsgType.FETCH, OTHER, 1, (1, 5)))
-        status = primary.wait_status(lambda s: s["replication"]["dropped"].get("bogus", 0) >= 1, 20,
-                                     "the forged ACK to be counted")
+        status = primary.wait_status(lambda s: s["replication"]["dropped"].get("bogus", 0) >= 1
+                                     and s["replication"]["dropped"].get("cluster", 0) >= 1, 20,
+                                     "the forged ACK and FETCH to be counted")
     finally:
         dealer.close()
         ctx.term()
