@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """tandemfs command line: run a primary or a standby, promote a standby, inspect,
-checkpoint and compare nodes.
+checkpoint and compare nodes, make CURVE keys.
 
 Every verb has --help. Logs go to stderr; results of inspecting verbs go to stdout.
 """
@@ -44,21 +44,60 @@ def _config(args: argparse.Namespace, **extra: object):
         checkpoint_interval=args.checkpoint_interval, keep_checkpoints=args.keep_checkpoints, **extra)
 
 
+def _curve(args: argparse.Namespace, role: str):
+    """The node's CURVE keys from --curve-* (None: none given); raises SecurityError."""
+    from replica.security import SecurityError, load
+
+    secret, peers, server = args.curve_secret, args.curve_peers, args.curve_server
+    if secret is None:
+        if peers or server:
+            raise SecurityError("--curve-peers and --curve-server need --curve-secret (this node's "
+                                "NAME.key_secret, made by mount.py keygen)")
+        return None
+    if role == "primary" and server:
+        raise SecurityError("--curve-server names the primary a standby follows; a primary has none (its "
+                            "--peer probes use the keys in --curve-peers)")
+    if role == "standby" and server is None:
+        raise SecurityError("a standby with CURVE keys needs --curve-server FILE: the public key (NAME.key) "
+                            "of the primary it follows")
+    curve = load(secret, peers, server)
+    if role == "primary" and not args.listen:
+        log.warning("--curve-* without --listen: this primary does not replicate, the keys are not used")
+    if role == "standby" and peers is None:
+        log.warning("no --curve-peers: this standby cannot be promoted in place (a promoted node serves "
+                    "with CURVE and must know whose keys to admit)")
+    return curve
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from replica.security import SecurityError, keygen
+
+    try:
+        public, secret = keygen(args.dir, args.name)
+    except (SecurityError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"public: {public}")
+    print(f"secret: {secret}")
+    return 0
+
+
 def cmd_primary(args: argparse.Namespace) -> int:
     from replica.control import DataDirBusy
     from replica.node import WrongRole, run_primary
     from replica.primary import Durability, OnStandbyLoss
+    from replica.security import SecurityError
 
     if not os.path.isdir(args.mount):
         log.error("mountpoint %s is not a directory", args.mount)
         return 2
-    config = _config(args, group_commit=args.group_commit, listen=args.listen,
-                     durability=Durability(args.durability), sync_timeout=args.sync_timeout,
-                     on_standby_loss=OnStandbyLoss(args.on_standby_loss), peers=args.peer or [],
-                     name=args.name or "")
     try:
+        config = _config(args, group_commit=args.group_commit, listen=args.listen,
+                         durability=Durability(args.durability), sync_timeout=args.sync_timeout,
+                         on_standby_loss=OnStandbyLoss(args.on_standby_loss), peers=args.peer or [],
+                         name=args.name or "", curve=_curve(args, "primary"), insecure=args.insecure)
         return run_primary(config)
-    except (DataDirBusy, WrongRole) as exc:
+    except (DataDirBusy, WrongRole, SecurityError) as exc:
         log.error("%s", exc)
         return 2
 
@@ -67,6 +106,7 @@ def cmd_standby(args: argparse.Namespace) -> int:
     from replica.control import DataDirBusy
     from replica.node import run_standby
     from replica.primary import Durability, OnStandbyLoss
+    from replica.security import SecurityError
 
     if args.mount and not os.path.isdir(args.mount):
         log.error("mountpoint %s is not a directory", args.mount)
@@ -75,13 +115,18 @@ def cmd_standby(args: argparse.Namespace) -> int:
         log.error("--auto-promote-after takes a positive number of seconds, and needs --mount (a promoted "
                   "node serves the filesystem through its mount)")
         return 2
-    config = _config(args, primary=args.primary, name=args.name or "", listen=args.listen,
-                     durability=Durability(args.durability) if args.durability else None,
-                     sync_timeout=args.sync_timeout, on_standby_loss=OnStandbyLoss(args.on_standby_loss),
-                     peers=args.peer or [], auto_promote_after=args.auto_promote_after)
     try:
+        curve = _curve(args, "standby")
+        if curve is not None and curve.peers_dir is None and args.auto_promote_after is not None:
+            raise SecurityError("--auto-promote-after with CURVE keys needs --curve-peers: a promoted node "
+                                "serves with CURVE and must know whose keys to admit")
+        config = _config(args, primary=args.primary, name=args.name or "", listen=args.listen,
+                         durability=Durability(args.durability) if args.durability else None,
+                         sync_timeout=args.sync_timeout, on_standby_loss=OnStandbyLoss(args.on_standby_loss),
+                         peers=args.peer or [], auto_promote_after=args.auto_promote_after, curve=curve,
+                         insecure=args.insecure)
         return run_standby(config)
-    except DataDirBusy as exc:
+    except (DataDirBusy, SecurityError) as exc:
         log.error("%s", exc)
         return 2
 
@@ -107,6 +152,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from replica.node import run_primary
     from replica.primary import Durability, OnStandbyLoss
     from replica.promotion import PromoteRequest, PromotionRefused
+    from replica.security import SecurityError
 
     if args.mount and not os.path.isdir(args.mount):
         log.error("mountpoint %s is not a directory", args.mount)
@@ -117,6 +163,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
         on_standby_loss=OnStandbyLoss(args.on_standby_loss) if args.on_standby_loss else None,
         peers=args.peer or [])
     if node_running(args.data):
+        given = [option for option, value in (("--curve-secret", args.curve_secret),
+                                              ("--curve-peers", args.curve_peers),
+                                              ("--curve-server", args.curve_server),
+                                              ("--insecure", args.insecure)) if value]
+        if given:
+            log.error("%s: a running standby is promoted with the keys it was started with; these options "
+                      "apply only when no node runs on %s", ", ".join(given), args.data)
+            return 2
         try:
             reply = request(args.data, "promote", timeout=args.timeout, **wanted.to_control())
         except (NodeNotRunning, ControlError) as exc:
@@ -142,14 +196,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
         else:
             _print_takeover(values)
 
-    config = _config(args, sync_timeout=args.sync_timeout or 5.0, durability=None,
-                     on_standby_loss=OnStandbyLoss(args.on_standby_loss or "block"), name=args.name or "")
     try:
+        config = _config(args, sync_timeout=args.sync_timeout or 5.0, durability=None,
+                         on_standby_loss=OnStandbyLoss(args.on_standby_loss or "block"), name=args.name or "",
+                         curve=_curve(args, "promote"), insecure=args.insecure)
         return run_primary(config, takeover=wanted, on_promoted=promoted)
     except PromotionRefused as exc:
         log.error("promotion refused: %s", exc)
         return 1
-    except DataDirBusy as exc:
+    except (DataDirBusy, SecurityError) as exc:
         log.error("%s", exc)
         return 2
 
@@ -191,6 +246,14 @@ def _print_status(status: dict) -> None:
              f"{takeover['lacks']} announced record(s))")
     if status.get("read_only"):
         line("read-only", status["read_only"])
+    security = status.get("security")
+    if security and (status["role"] == "standby" or status.get("replication")):
+        line("security", _describe_security(security, status["role"]))
+        refused = security.get("refused_keys") or {}
+        for key, count in sorted(refused.items()):
+            line("REFUSED key", f"{key} ({count} handshake(s); not in {security.get('peers_dir')})")
+    if status.get("problem"):
+        line("PROBLEM", status["problem"])
     journal = status.get("journal")
     if journal:
         line("journal", f"seq {journal['first_seq']}..{journal['last_seq']}, {journal['records']} records, "
@@ -229,7 +292,8 @@ def _print_status(status: dict) -> None:
         line("following", f"{standby['primary']} ({standby['state']}, epoch {standby['primary_epoch']})")
         line("lag", f"{standby['lag_records']} records, {standby['lag_seconds']}s "
              f"(primary at {standby['primary_last_seq']})")
-        line("heartbeat age", f"{standby['heartbeat_age_seconds']}s"
+        age = standby["heartbeat_age_seconds"]
+        line("heartbeat age", ("none received" if age is None else f"{age}s")
              + (f" (auto-promote after {status['auto_promote_after']}s)" if status.get("auto_promote_after")
                 else ""))
         if standby.get("divergence"):
@@ -244,6 +308,20 @@ def _print_status(status: dict) -> None:
         if standby.get("error"):
             line("error", standby["error"])
     line("dropped messages", ", ".join(f"{k}={v}" for k, v in sorted(status["dropped"].items())) or "none")
+
+
+def _describe_security(security: dict, role: str) -> str:
+    if security.get("mechanism") != "curve":
+        return "NONE: replication traffic is not authenticated or encrypted" + (
+            " (--insecure)" if security.get("insecure") else "")
+    parts = [f"CURVE, this node's public key {security['public_key']}"]
+    if security.get("server_key"):
+        parts.append(("primary's key " if role == "standby" else "old primary's key (fencing probe) ")
+                     + security["server_key"])
+    if security.get("peers_dir"):
+        admitted = security.get("admitted_keys")
+        parts.append(f"admitting {'the' if admitted is None else admitted} key(s) in {security['peers_dir']}")
+    return "; ".join(parts)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -395,6 +473,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--retain-bytes", type=_size, default=DEFAULT_RETAIN_BYTES, metavar="SIZE",
                        help=f"retention bound in bytes of journal (default {DEFAULT_RETAIN_BYTES >> 30}G)")
 
+    def curve_options(p: argparse.ArgumentParser, role: str) -> None:
+        serving = {"primary": "", "standby": "once promoted, ", "promote": ""}[role]
+        p.add_argument("--curve-secret", metavar="FILE",
+                       help="this node's NAME.key_secret (mount.py keygen): all replication traffic then "
+                       "uses CurveZMQ, authenticated and encrypted")
+        p.add_argument("--curve-peers", metavar="DIR",
+                       help=f"{serving}admit only the nodes whose public keys (NAME.key) are in DIR; give "
+                       "every node the same directory holding every node's public key"
+                       + (" (required to be promoted in place)" if role == "standby" else ""))
+        if role == "standby":
+            p.add_argument("--curve-server", metavar="FILE",
+                           help="the public key (NAME.key) of the primary this standby follows (required "
+                           "with --curve-secret); once promoted, it also probes that primary with it")
+        elif role == "promote":
+            p.add_argument("--curve-server", metavar="FILE",
+                           help="the public key (NAME.key) of the primary this node followed, for the "
+                           "fencing probe of it (default: try the keys in --curve-peers)")
+        else:
+            p.set_defaults(curve_server=None)
+        p.add_argument("--insecure", action="store_true",
+                       help="allow replication traffic to leave this machine without CURVE keys: anyone who "
+                       "can reach the ports can read it and send well-formed messages (without it, a "
+                       "non-loopback address without keys is refused at start)")
+
     def promotion_options(p: argparse.ArgumentParser, standby: bool) -> None:
         once = "once promoted: " if standby else ""
         p.add_argument("--listen", metavar="tcp://HOST:PORT",
@@ -439,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "learns its (PEER, on that node's side channel PORT+1), so that of two primaries the one "
                    "of the older epoch is fenced as soon as they can reach each other")
     p.add_argument("--name", help="this node's name in other nodes' status (default: host:dir)")
+    curve_options(p, "primary")
     p.set_defaults(func=cmd_primary)
 
     p = verbs.add_parser("standby", help="follow a primary, optionally with a read-only mount",
@@ -460,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "partition then leaves BOTH nodes primary (split brain) until the partition heals and "
                    "fencing deposes the old one; writes the old one took meanwhile become divergent "
                    "records. Use it only where that is acceptable")
+    curve_options(p, "standby")
     p.set_defaults(func=cmd_standby)
 
     p = verbs.add_parser(
@@ -485,7 +589,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="a stopped node's name once it runs (default: host:dir)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long to wait for a running node's answer (default 60)")
+    curve_options(p, "promote")
     p.set_defaults(func=cmd_promote)
+
+    p = verbs.add_parser("keygen", help="make a CURVE keypair for one node",
+                         description="Write KEYDIR/NAME.key (the public key: copy it into the --curve-peers "
+                         "directory of every node, and give it to standbys of this node as --curve-server) "
+                         "and KEYDIR/NAME.key_secret (the secret key, mode 0600: it stays on this node, "
+                         "--curve-secret). Prints both paths. Never replaces existing files.")
+    p.add_argument("--dir", required=True, metavar="KEYDIR", help="where to write the two files (created)")
+    p.add_argument("--name", required=True, metavar="NAME", help="the node's name, e.g. its host name")
+    p.set_defaults(func=cmd_keygen)
 
     p = verbs.add_parser("inspect", help="mount a store read-only, without replication",
                          description="Mount the store in DIR read-only (kernel ro, writes EROFS), with no "
@@ -540,10 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from journal.errors import StoreError
+    from replica.security import SecurityError
 
     try:
         return args.func(args)
-    except StoreError as exc:
+    except (StoreError, SecurityError) as exc:
         log.error("%s", exc)
         return 2
 

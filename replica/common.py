@@ -3,6 +3,11 @@
 Each ZeroMQ socket belongs to one thread; a thread that owns sockets binds or connects
 them itself and reports the outcome to whoever started it (`Started`), so a port already
 in use fails the command at start instead of leaving a node that serves nothing.
+
+Every replication socket is made by `make_socket`, which is also where CurveZMQ is set
+(replica/security.py): the sockets that bind (PUB, ROUTER) are CURVE servers, the ones
+that connect (SUB, DEALER) CURVE clients, so no socket can be left in the clear by
+forgetting it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections import Counter
 import zmq
 
 from .protocol import MAX_FRAME
+from .security import Curve
 
 #: Heartbeats per second on the stream (the design asks for "a few times a second").
 HEARTBEAT_INTERVAL = 0.2
@@ -42,12 +48,30 @@ def env_int(name: str, default: int) -> int:
         return default
 
 
-def make_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    """A socket with the options every replication socket has."""
+#: Socket kinds that bind (CURVE servers) and that connect (CURVE clients).
+SERVER_KINDS = (zmq.PUB, zmq.ROUTER)
+CLIENT_KINDS = (zmq.SUB, zmq.DEALER)
+
+
+def make_socket(ctx: zmq.Context, kind: int, curve: Curve | None = None) -> zmq.Socket:
+    """A socket with the options every replication socket has; with `curve`, a CURVE
+    server (PUB, ROUTER: the context needs a ZAP handler, `security.start_authenticator`)
+    or a client of `curve.server_public` (SUB, DEALER)."""
     sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    if kind in (zmq.SUB, zmq.ROUTER, zmq.DEALER):
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind in (zmq.SUB, zmq.ROUTER, zmq.DEALER):
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        if curve is not None:
+            if kind in SERVER_KINDS:
+                curve.server(sock)
+            elif kind in CLIENT_KINDS:
+                curve.client(sock)
+            else:
+                raise ValueError(f"no CURVE role for socket type {kind}")
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

@@ -25,8 +25,13 @@ writes until it is reached. In a replicated durability mode with `--on-standby-l
 none of its fsyncs return meanwhile (no standby acknowledges them), so it acknowledges
 nothing; in async or degrade mode it does, and those writes come back as divergent
 records when it rejoins. With two machines and no third party no protocol can do better;
-that needs a lease from a coordination service. Messages are not authenticated yet, so a
-forged higher epoch can fence a primary (a denial of service, never a lost write).
+that needs a lease from a coordination service.
+
+With CURVE keys (replica/security.py) a PEER probe is a CURVE client of the other
+primary's side channel, admitted by that node's peers directory like a standby; only
+admitted nodes can then send an epoch at all. Without keys (loopback, or `--insecure`)
+messages are not authenticated, so a forged higher epoch can fence a primary (a denial
+of service, never a lost write).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from journal.store import Store
 
 from . import protocol as p
 from .common import Started, make_socket
+from .security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,13 @@ PEER_INTERVAL = 0.5
 CONNECT_TIMEOUT_MS = 1000
 #: CRITICAL reports of a split brain repeat at most this often (seconds).
 LOUD_EVERY = 5.0
+#: Reconnection interval of a probe that tries one of several keys (ms): a wrong key fails
+#: the handshake at the other end, which should not be asked ten times a second.
+CANDIDATE_RECONNECT_MS = 1000
+#: A probe socket without an answer for this long connects afresh (seconds): libzmq never
+#: retries a connection whose handshake the other side refused (a key it did not admit),
+#: so a key admitted later would otherwise go unused until a restart.
+REDIAL_AFTER = 10.0
 
 
 def fenced_on_disk(store: Store) -> int | None:
@@ -176,15 +189,25 @@ class PeerWatch:
 
     One thread, one DEALER per address. The sockets are IMMEDIATE: a PEER is sent only on
     a live connection, never queued for a peer that is away (a stale probe delivered on
-    reconnection would say nothing the next one does not)."""
+    reconnection would say nothing the next one does not).
+
+    With CURVE, a probe is a client of the other side channel: with the public key given
+    for that address in `server_keys`, or else one DEALER per candidate key (the peers
+    directory's other keys). Only the right key completes the handshake, so only that
+    socket is ever connected; once it has answered, the others are closed. A socket that
+    has had no answer for REDIAL_AFTER seconds connects afresh."""
 
     def __init__(self, store: Store, fencing: Fencing, addresses: list[str], identity: bytes,
-                 name: str) -> None:
+                 name: str, curve: Curve | None = None, server_keys: dict[str, bytes] | None = None) -> None:
         self.store = store
         self.fencing = fencing
         self.addresses = addresses
         self.identity = identity
         self.name = name
+        self.curve = curve
+        self.server_keys = dict(server_keys or {})
+        #: address -> the public key its probe uses (or how many candidates it tries).
+        self.keys: dict[str, str] = {}
         self.sent = 0
         self.answers = 0
         self.dropped = 0
@@ -212,19 +235,41 @@ class PeerWatch:
         return p.encode(p.MsgType.PEER, store.cluster_id, store.epoch,
                         (max(store.last_seq, first), first, flags), [self.name.encode()])
 
+    def _keys_for(self, address: str) -> list[Curve | None]:
+        """The security of each probe socket towards `address` (None: in the clear)."""
+        if self.curve is None:
+            return [None]
+        known = self.server_keys.get(address)
+        if known is not None:
+            self.keys[address] = known.decode("ascii", "replace")
+            return [self.curve.towards(known)]
+        candidates = self.curve.peer_keys()
+        if not candidates:
+            log.warning("no public key to probe %s with: the peers directory %s holds no key but this "
+                        "node's own; not probing it", address, self.curve.peers_dir)
+        self.keys[address] = f"trying {len(candidates)} key(s) of the peers directory"
+        return [self.curve.towards(key) for key in candidates]
+
     def _run(self, started: Started) -> None:
-        sockets: list[zmq.Socket] = []
+        sockets: dict[zmq.Socket, str] = {}  # socket -> the address it probes
+        keys: dict[zmq.Socket, bytes] = {}  # socket -> the public key it expects (CURVE)
         try:
             for address in self.addresses:
-                sock = make_socket(self._ctx, zmq.DEALER)
-                sockets.append(sock)
-                sock.setsockopt(zmq.IMMEDIATE, 1)
-                # A connect into a cut link must not sit in SYN retransmits for long after the
-                # link heals: give up on it and try afresh.
-                sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
-                sock.setsockopt(zmq.ROUTING_ID, self.identity)
-                sock.connect(address)
-        except zmq.ZMQError as exc:
+                securities = self._keys_for(address)
+                for security in securities:
+                    sock = make_socket(self._ctx, zmq.DEALER, security)
+                    sockets[sock] = address
+                    if security is not None and security.server_public is not None:
+                        keys[sock] = security.server_public
+                    sock.setsockopt(zmq.IMMEDIATE, 1)
+                    # A connect into a cut link must not sit in SYN retransmits for long after the
+                    # link heals: give up on it and try afresh.
+                    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+                    if len(securities) > 1:
+                        sock.setsockopt(zmq.RECONNECT_IVL, CANDIDATE_RECONNECT_MS)
+                    sock.setsockopt(zmq.ROUTING_ID, self.identity)
+                    sock.connect(address)
+        except Exception as exc:  # reported to whoever started the thread
             for sock in sockets:
                 sock.close()
             started.fail(exc)
@@ -234,8 +279,10 @@ class PeerWatch:
         for sock in sockets:
             poller.register(sock, zmq.POLLIN)
         next_probe = 0.0
+        heard = {sock: time.monotonic() for sock in sockets}  # last answer (or dial)
         try:
             while not self._stop.is_set():
+                self._redial(sockets, heard)
                 if time.monotonic() >= next_probe:
                     frames = self._frames()
                     for sock in sockets:
@@ -247,24 +294,56 @@ class PeerWatch:
                     next_probe = time.monotonic() + PEER_INTERVAL
                 for sock, _event in poller.poll(100):
                     try:
-                        self._answer(sock.recv_multipart(zmq.NOBLOCK))
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         continue
+                    if self._answer(frames):
+                        heard[sock] = time.monotonic()
+                        self._settle(sock, sockets, keys, poller)
         finally:
             for sock in sockets:
                 sock.close()
 
-    def _answer(self, frames: list[bytes]) -> None:
+    def _redial(self, sockets: dict[zmq.Socket, str], heard: dict[zmq.Socket, float]) -> None:
+        now = time.monotonic()
+        for sock, address in sockets.items():
+            if now - heard.get(sock, now) < REDIAL_AFTER:
+                continue
+            heard[sock] = now
+            try:
+                sock.disconnect(address)
+            except zmq.ZMQError:
+                pass  # libzmq already forgot the endpoint (a refused handshake)
+            sock.connect(address)
+
+    def _settle(self, answered: zmq.Socket, sockets: dict[zmq.Socket, str], keys: dict[zmq.Socket, bytes],
+                poller: zmq.Poller) -> None:
+        """`answered` holds the right key for its address: close the other candidates."""
+        address = sockets[answered]
+        others = [sock for sock, where in sockets.items() if where == address and sock is not answered]
+        if not others:
+            return
+        for sock in others:
+            poller.unregister(sock)
+            sock.close()
+            del sockets[sock]
+            keys.pop(sock, None)
+        self.keys[address] = keys[answered].decode("ascii", "replace")
+        log.info("probing %s with the public key %s (it answered)", address, self.keys[address])
+
+    def _answer(self, frames: list[bytes]) -> bool:
+        """Hand a PEER answer to `Fencing`; False if it was dropped."""
         try:
             msg = p.decode(frames, p.PEER_TYPES)
             p.check_sender(msg, self.store.cluster_id, self.store.epoch)
         except p.BadMessage as exc:
             self.dropped += 1
             log.debug("dropped a PEER answer: %s", exc)
-            return
+            return False
         self.answers += 1
         self.fencing.peer(msg.payload[0].decode(), msg.epoch, msg.body)
+        return True
 
     def status(self) -> dict[str, Any]:
         return {"addresses": self.addresses, "sent": self.sent, "answers": self.answers,
-                "dropped": self.dropped}
+                "dropped": self.dropped, "keys": dict(self.keys) if self.curve else None}

@@ -20,6 +20,13 @@ accepts writes, through the same mount, whose fsync hook starts waiting for stan
 A stopped standby's data directory is promoted by starting it as a primary that does
 the same before it mounts. Either way the new primary keeps sending PEER to the primary
 it followed (replica/fencing.py), so that primary is fenced whenever it can be reached.
+
+Security (replica/security.py). A node's CURVE keys are part of its configuration, so a
+standby promoted in place serves with the keys it was started with: its own secret key,
+admitting the keys of its peers directory, and probing its old primary with the public
+key it followed it by. Replication traffic that would leave the machine without keys is
+refused before anything binds or connects (`check_security`), unless `--insecure`; that
+holds for the addresses a promotion chooses by itself too.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from .promotion import (
     inherited_durability,
     next_epoch,
 )
+from .security import Curve, SecurityError, require_for
 from .standby import INCOMING, Follower, State, read_upstream
 
 log = logging.getLogger(__name__)
@@ -94,6 +102,8 @@ class NodeConfig:
     peers: list[str] = field(default_factory=list)
     #: Side channels to send PEER to, when decided already (a stopped standby's promotion).
     peer_channels: list[str] = field(default_factory=list)
+    #: Public keys of some of those side channels (the old primary's), for CURVE PEER probes.
+    peer_server_keys: dict[str, bytes] = field(default_factory=dict)
     # standby
     primary: str | None = None
     name: str = ""
@@ -103,6 +113,42 @@ class NodeConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     checkpoint_interval: float = DEFAULT_INTERVAL
     keep_checkpoints: int = DEFAULT_KEEP
+    #: CURVE keys (None: replication in the clear, allowed on loopback or with `insecure`).
+    curve: Curve | None = None
+    #: Allow replication traffic off this machine without keys.
+    insecure: bool = False
+
+
+def replication_endpoints(config: NodeConfig, role: str) -> list[str]:
+    """Every address this node's replication binds or connects to, as far as known now
+    (a promotion's own defaults are checked when it happens)."""
+    found: list[str] = []
+    peers = [default_side_channel(address) for address in config.peers] + list(config.peer_channels)
+    if role == "standby":
+        assert config.primary is not None
+        found += [config.primary, config.control or default_side_channel(config.primary)]
+        if config.listen:
+            found += [config.listen]
+        found += peers
+    elif config.listen:
+        found += [config.listen, config.control or default_side_channel(config.listen), *peers]
+    return found
+
+
+def check_security(config: NodeConfig, role: str, endpoints: list[str] | None = None) -> None:
+    """Raise SecurityError if this node would carry replication traffic off the machine in
+    the clear, or its keys do not fit its role."""
+    curve = config.curve
+    if curve is not None:
+        serving = role == "primary" and bool(config.listen)
+        if serving and curve.peers_dir is None:
+            raise SecurityError("serving with CURVE needs --curve-peers DIR: the public keys of the nodes "
+                                "allowed to connect")
+        if role == "standby" and curve.server_public is None:
+            raise SecurityError("a standby with CURVE keys needs --curve-server FILE: the public key "
+                                "(NAME.key) of the primary it follows")
+    require_for(endpoints if endpoints is not None else replication_endpoints(config, role), curve,
+                config.insecure)
 
 
 def fuse_session_exiting() -> bool:
@@ -303,6 +349,7 @@ class Node:
                 raise PromotionRefused(f"this node is already the primary of epoch "
                                        f"{store.epoch if store else '?'}")
             check(store, follower.known_last, request.force)  # refuse before disturbing anything
+            self._serving_plan(request, follower)
             mount = self._promotion_mount(request)
             assert store is not None
             if follower.state is State.SNAPSHOT and not request.force:
@@ -341,24 +388,44 @@ class Node:
             self._mount_now(mount)
         return self.takeover
 
-    def _replication_for(self, request: PromoteRequest, follower: Follower) -> PrimaryReplication:
-        """The replication a promoted standby serves, from the request, its configuration and
-        what it heard from its old primary."""
-        assert self.store is not None and self.checkpoints is not None
+    def _serving_plan(self, request: PromoteRequest, follower: Follower) -> tuple[str, str, list[str]]:
+        """(stream, side channel, PEER side channels) a promoted standby serves and probes,
+        from the request, its configuration and what it heard from its old primary; refuses
+        a plan its keys do not allow."""
         config = self.config
         listen, control = request.listen or config.listen, request.control
         if listen is None:
             listen, default_control = default_addresses(follower.primary, follower.control)
             control = control or default_control
         control = control or default_side_channel(listen)
-        durability = request.durability or config.durability or inherited_durability(follower.ack_flags)
         peers = self._peers([*config.peers, *request.peers], control, follower.control)
+        curve = config.curve
+        if curve is not None and curve.peers_dir is None:
+            raise PromotionRefused("this standby follows with CURVE keys but was started without "
+                                   "--curve-peers: once promoted it must serve with CURVE and know whom to "
+                                   "admit. Restart it with --curve-peers DIR, then promote it")
+        try:
+            require_for([listen, control, *peers], curve, config.insecure)
+        except SecurityError as exc:
+            raise PromotionRefused(str(exc)) from exc
+        return listen, control, peers
+
+    def _replication_for(self, request: PromoteRequest, follower: Follower) -> PrimaryReplication:
+        """The replication a promoted standby serves (see `_serving_plan`), with this node's
+        own keys; its PEER probe towards the old primary uses the key it followed it by."""
+        assert self.store is not None and self.checkpoints is not None
+        config = self.config
+        listen, control, peers = self._serving_plan(request, follower)
+        durability = request.durability or config.durability or inherited_durability(follower.ack_flags)
+        curve = config.curve
+        known = {follower.control: curve.server_public} if curve and curve.server_public else None
         return PrimaryReplication(
             self.store, self.checkpoints, listen, control, durability=durability,
             sync_timeout=request.sync_timeout or config.sync_timeout,
             on_standby_loss=request.on_standby_loss or config.on_standby_loss,
             request_checkpoint=self.request_checkpoint, stopping=fuse_session_exiting, peers=peers,
-            name=config.name or default_name(config.data), taking_over=True)
+            name=config.name or default_name(config.data), taking_over=True, curve=curve,
+            peer_server_keys=known)
 
     @staticmethod
     def _peers(streams: list[str], own_control: str, old_primary_control: str | None) -> list[str]:
@@ -373,7 +440,7 @@ class Node:
         """A promotion failed after the follower stopped: follow the same primary again."""
         follower = Follower(self.config.data, stopped.primary, stopped.control, store=self.store,
                             name=stopped.name, max_size=self.config.max_size, on_store=self._adopt,
-                            on_fatal=self.on_fatal)
+                            on_fatal=self.on_fatal, curve=self.config.curve)
         if self.store is not None:
             follower._set_store(self.store)
         follower.start()
@@ -478,7 +545,9 @@ class Node:
             out["lag_records"] = follower["lag_records"]
             out["lag_seconds"] = follower["lag_seconds"]
             out["heartbeat_age_seconds"] = follower["heartbeat_age_seconds"]
+            out["problem"] = follower["problem"]
             dropped.update(follower["dropped"])
+        out["security"] = self._security_status()
         if self._control is not None:
             for kind, count in self._control.drops.snapshot().items():
                 dropped[f"control_{kind}"] = count
@@ -486,6 +555,15 @@ class Node:
         out["dropped_total"] = sum(dropped.values())
         out["fatal"] = fatal
         return out
+
+    def _security_status(self) -> dict[str, Any]:
+        """How this node's replication traffic is protected (public keys only)."""
+        curve = self.config.curve
+        if self.replication is not None:
+            return self.replication.security_status()
+        if curve is not None:
+            return curve.describe()
+        return {"mechanism": "none", "insecure": self.config.insecure}
 
     # --- running ------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -521,7 +599,8 @@ def _open_primary_store(config: NodeConfig) -> Store:
 
 def _take_over_offline(store: Store, config: NodeConfig, request: PromoteRequest) -> tuple[int, int, str]:
     """Decide a stopped node's promotion: (new epoch, records it lacks, its last role); fills
-    in the node's listen/control/durability/peers from the request and what it heard."""
+    in the node's listen/control/durability/peers from the request and what it heard, and
+    refuses (SecurityError) addresses its keys do not allow."""
     upstream = read_upstream(store)
     announced = upstream.get("last_seq", 0)
     seen_epoch = upstream.get("epoch", 0)
@@ -547,6 +626,9 @@ def _take_over_offline(store: Store, config: NodeConfig, request: PromoteRequest
     config.peers = []
     config.peer_channels = Node._peers([*request.peers], config.control,
                                        old_control if isinstance(old_control, str) else None)
+    check_security(config, "primary", [config.listen, config.control, *config.peer_channels])
+    if config.curve is not None and config.curve.server_public is not None and isinstance(old_control, str):
+        config.peer_server_keys = {old_control: config.curve.server_public}
     epoch = next_epoch(store, seen_epoch if isinstance(seen_epoch, int) else 0)
     return epoch, lacks, store.role
 
@@ -557,11 +639,14 @@ def run_primary(config: NodeConfig, takeover: PromoteRequest | None = None,
 
     With `takeover`, the data directory is a stopped standby's (or, forced, a former
     primary's) and becomes the primary of a new epoch before it mounts; `on_promoted` is
-    told how. Raises PromotionRefused (before changing anything) if it must not be, and
-    WrongRole for a standby's data directory started without `takeover`."""
+    told how. Raises PromotionRefused (before changing anything) if it must not be,
+    WrongRole for a standby's data directory started without `takeover`, and SecurityError
+    (before binding) for replication off the machine without keys."""
     from fs.mounting import serve
     from fs.operations import TandemFS
 
+    if takeover is None:
+        check_security(config, "primary")  # (a takeover's addresses are checked once decided)
     node = Node(config, "primary")
     lock = NodeLock(config.data)  # before creating anything in the directory
     lock.release()
@@ -585,7 +670,8 @@ def run_primary(config: NodeConfig, takeover: PromoteRequest | None = None,
                 on_standby_loss=config.on_standby_loss, request_checkpoint=node.request_checkpoint,
                 stopping=fuse_session_exiting,
                 peers=config.peer_channels or [default_side_channel(a) for a in config.peers],
-                name=config.name or default_name(config.data), taking_over=takeover is not None)
+                name=config.name or default_name(config.data), taking_over=takeover is not None,
+                curve=config.curve, peer_server_keys=config.peer_server_keys)
             node.replication.start()
         else:
             if config.durability not in (None, Durability.ASYNC):
@@ -626,6 +712,7 @@ def run_standby(config: NodeConfig) -> int:
     from fs.operations import TandemFS
 
     assert config.primary is not None
+    check_security(config, "standby")
     node = Node(config, "standby")
     data = config.data
     data.mkdir(parents=True, exist_ok=True)
@@ -655,7 +742,7 @@ def run_standby(config: NodeConfig) -> int:
         node.follower = Follower(
             data, config.primary, config.control or default_side_channel(config.primary),
             store=node.store, name=config.name or default_name(data), max_size=config.max_size,
-            on_store=node._adopt, on_fatal=on_fatal)
+            on_store=node._adopt, on_fatal=on_fatal, curve=config.curve)
         if node.store is not None:
             node.follower._set_store(node.store)
         node.follower.start()

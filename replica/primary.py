@@ -15,6 +15,10 @@ synced them. If no standby answers within the sync timeout, fsync either keeps w
 (`block`) or the primary degrades to async (`degrade`) until a standby has caught up
 again; both are logged loudly and shown in status.
 
+With CURVE keys (replica/security.py) both sockets are CURVE servers, and a ZAP handler
+on this context admits only the public keys in the peers directory: a node that is not
+admitted gets nothing, not even the stream.
+
 A primary that learns of a higher epoch is fenced (replica/fencing.py): it refuses
 writes from then on, and fsyncs still waiting for a standby fail with EIO, since what
 they waited for will never be acknowledged by the cluster's new history.
@@ -60,6 +64,7 @@ from .common import (
     make_socket,
 )
 from .fencing import Fencing, PeerWatch
+from .security import Admission, Curve, start_authenticator
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +136,12 @@ class PrimaryReplication:
                  on_standby_loss: OnStandbyLoss = OnStandbyLoss.BLOCK,
                  request_checkpoint: Callable[[], object] | None = None,
                  stopping: Callable[[], bool] | None = None, peers: Sequence[str] = (),
-                 name: str = "primary", taking_over: bool = False) -> None:
+                 name: str = "primary", taking_over: bool = False, curve: Curve | None = None,
+                 peer_server_keys: dict[str, bytes] | None = None) -> None:
         """`taking_over`: this node is about to begin a new epoch (promotion), which supersedes
-        any fence recorded on its store, so that fence is not applied."""
+        any fence recorded on its store, so that fence is not applied. `curve`: serve with
+        CurveZMQ; `peer_server_keys`: the public keys of the side channels in `peers` that
+        are known (the primary a promoted node followed), for its PEER probes."""
         self.store = store
         self.checkpoints = checkpoints
         self.listen = listen
@@ -160,13 +168,16 @@ class PrimaryReplication:
         self.fsync_waits = 0
         self.fsync_timeouts = 0
         self.name = name[:p.MAX_NAME]
+        self.curve = curve
+        self.admission: Admission | None = None
         #: Tells this process's own PEERs apart from another primary's (a peer address that
         #: turns out to be this node's own side channel).
         self.instance = uuid.uuid4().hex[:8].encode()
         self.fencing = Fencing(store, on_fenced=self._wake, check_disk=not taking_over)
         self.peer_watch = PeerWatch(store, self.fencing, list(peers),
                                     b"peer:" + self.name.encode() + b"#" + self.instance,
-                                    self.name) if peers else None
+                                    self.name, curve=curve,
+                                    server_keys=peer_server_keys) if peers else None
         # Publisher state (published seq and when, for lag in seconds).
         self.published_seq = store.last_seq
         self._published_times: deque[tuple[int, float]] = deque(maxlen=100_000)
@@ -176,6 +187,13 @@ class PrimaryReplication:
 
     # --- life cycle -------------------------------------------------------------------
     def start(self) -> None:
+        if self.curve is not None:
+            # Before anything binds: a CURVE server without a ZAP handler admits any client.
+            try:
+                self.admission = start_authenticator(self._ctx, self.curve)
+            except BaseException:
+                self.stop()
+                raise
         self.store.listeners.append(self._on_commit)
         for target, name in ((self._publish_loop, "publisher"), (self._side_loop, "side-channel")):
             started = Started()
@@ -196,6 +214,11 @@ class PrimaryReplication:
         log.info("replicating: stream on %s, side channel on %s, durability %s (timeout %.1fs, on "
                  "standby loss: %s)", self.listen, self.control, self.durability.value,
                  self.sync_timeout, self.on_standby_loss.value)
+        if self.curve is not None:
+            log.info("replication traffic uses CURVE: this node's public key is %s, admitting the keys in %s",
+                     self.curve.public.decode(), self.curve.peers_dir)
+        else:
+            log.info("replication traffic is NOT authenticated or encrypted (no CURVE keys)")
 
     @property
     def fenced_by(self) -> int | None:
@@ -220,6 +243,9 @@ class PrimaryReplication:
         for fd, _size, _used in self._snap_files.values():
             os.close(fd)
         self._snap_files.clear()
+        if self.admission is not None:
+            self.admission.stop()  # its ZAP socket lives in this context
+            self.admission = None
         self._ctx.term()
 
     def _on_commit(self, committed: list[tuple[int, bytes]]) -> None:
@@ -228,7 +254,11 @@ class PrimaryReplication:
 
     # --- the stream -------------------------------------------------------------------
     def _publish_loop(self, started: Started) -> None:
-        pub = make_socket(self._ctx, zmq.PUB)
+        try:
+            pub = make_socket(self._ctx, zmq.PUB, self.curve)
+        except Exception as exc:  # reported to whoever started the thread
+            started.fail(exc)
+            return
         try:
             hwm = env_int(ENV_PUB_SNDHWM, 0)
             if hwm:
@@ -307,7 +337,11 @@ class PrimaryReplication:
 
     # --- the side channel -------------------------------------------------------------
     def _side_loop(self, started: Started) -> None:
-        router = make_socket(self._ctx, zmq.ROUTER)
+        try:
+            router = make_socket(self._ctx, zmq.ROUTER, self.curve)
+        except Exception as exc:  # reported to whoever started the thread
+            started.fail(exc)
+            return
         try:
             router.bind(self.control)
         except zmq.ZMQError as exc:
@@ -617,4 +651,11 @@ class PrimaryReplication:
                 **self.fencing.status(),
                 "peer_watch": self.peer_watch.status() if self.peer_watch else None,
                 "dropped": self.drops.snapshot(),
+                "security": self.security_status(),
             }
+
+    def security_status(self) -> dict[str, object]:
+        if self.curve is None:
+            return {"mechanism": "none"}
+        admission = self.admission.status() if self.admission else {}
+        return {**self.curve.describe(), **admission}

@@ -31,6 +31,19 @@ batched: one per pass of the loop when the primary's fsyncs wait for durable ack
 every record that arrived while the previous sync ran shares the next), else once a
 second.
 
+With CURVE keys (replica/security.py) both sockets are CURVE clients of the primary's
+public key. A primary that does not admit this node, or whose key is not the one given,
+sends it nothing: ZeroMQ ends the connection in the handshake, and nothing ever reaches
+the message handlers. So the socket's monitor events are watched (`HandshakeWatch`):
+after NO_ANSWER_AFTER seconds without a message the standby logs why the primary does
+not answer as far as it can tell (refused key, wrong primary key, only one side using
+CURVE, no connection), and status shows it. libzmq gives up a connection whose handshake
+was refused; the follower connects again every REFUSED_RETRY seconds, so a key added to
+the primary's peers directory is picked up without restarting the standby.
+
+Sends never block: a message the side channel cannot take now (no connection) is
+counted and not sent; everything the follower sends is repeated by its timers.
+
 One thread owns both sockets. `handle_stream` and `handle_side` take raw frames and are
 the whole of message handling, so tests feed them forged frames directly.
 """
@@ -66,6 +79,7 @@ from .common import (
     make_socket,
 )
 from .divergence import Divergence, divergence_point, epoch_at, export
+from .security import Curve, HandshakeWatch
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +101,12 @@ UPSTREAM_EVERY = 0.5
 #: was not running (paused, swapped, a VM frozen): the primary's silence meanwhile is not
 #: evidence that it died, so silence is counted again from then (seconds).
 STALL_LIMIT = 0.5
+#: Seconds without any message from the primary after which the standby says why (as far
+#: as it can tell), and again at most every NO_ANSWER_LOG_EVERY seconds.
+NO_ANSWER_AFTER = 5.0
+NO_ANSWER_LOG_EVERY = 30.0
+#: A connection the primary refused in the handshake is made again after this long (seconds).
+REFUSED_RETRY = 5.0
 
 
 def _int(mapping: dict[str, object], key: str) -> int:
@@ -265,8 +285,10 @@ class Follower:
     def __init__(self, data: str | os.PathLike, primary: str, control: str, *, store: Store | None,
                  name: str, max_size: int | None = None,
                  on_store: Callable[[Store], None] | None = None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, curve: Curve | None = None) -> None:
         self.data = Path(data)
+        #: CURVE keys to follow with (None: in the clear); `curve.server_public` is the primary's.
+        self.curve = curve
         self.primary = primary
         self.control = control
         self.name = name[:p.MAX_NAME]
@@ -306,6 +328,13 @@ class Follower:
         #: and since when the loop has run without a stall.
         self.last_pump = 0.0
         self.awake_since = time.monotonic()
+        #: When a message from the primary (any, on either socket) last arrived.
+        self.last_heard: float | None = None
+        self._since = time.monotonic()  # when following began (silence counts from there at most)
+        self._watch: HandshakeWatch | None = None
+        #: Why the primary does not answer, while it does not (NO_ANSWER_AFTER).
+        self.problem: str | None = None
+        self._problem_logged = 0.0
         self.heartbeat_time_ns = 0
         self.behind_since: float | None = None
         self.synced = store.last_seq if store else 0
@@ -314,7 +343,8 @@ class Follower:
         self._ack_at = 0.0
         self.snapshot = SnapshotDownload(self.data, env_int(ENV_SNAPSHOT_CREDIT, DEFAULT_CREDIT))
         self.stats = {"applied_records": 0, "stream_records": 0, "gaps": 0, "fetches": 0,
-                      "fetched_records": 0, "snapshots": 0, "snapshot_resumes": 0, "divergent_records": 0}
+                      "fetched_records": 0, "snapshots": 0, "snapshot_resumes": 0, "divergent_records": 0,
+                      "unsent_messages": 0, "reconnects": 0}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
@@ -345,8 +375,24 @@ class Follower:
 
     def _run(self, started: Started) -> None:
         assert self._ctx is not None
-        sub = make_socket(self._ctx, zmq.SUB)
-        dealer = make_socket(self._ctx, zmq.DEALER)
+        try:
+            sub = make_socket(self._ctx, zmq.SUB, self.curve)
+        except Exception as exc:  # reported to whoever started the thread
+            started.fail(exc)
+            return
+        try:
+            dealer = make_socket(self._ctx, zmq.DEALER, self.curve)
+        except Exception as exc:  # reported to whoever started the thread
+            sub.close()
+            started.fail(exc)
+            return
+        try:
+            watch = HandshakeWatch(dealer, self.curve, f"the primary's side channel {self.control}")
+        except zmq.ZMQError as exc:
+            sub.close()
+            dealer.close()
+            started.fail(exc)
+            return
         try:
             hwm = env_int(ENV_SUB_RCVHWM, 0)
             if hwm:
@@ -357,17 +403,26 @@ class Follower:
             dealer.setsockopt(zmq.ROUTING_ID, self.identity)
             dealer.connect(self.control)
         except zmq.ZMQError as exc:
+            watch.close()
             sub.close()
             dealer.close()
             started.fail(exc)
             return
         self._dealer = dealer
+        self._watch = watch
         started.ok()
+        if self.curve is not None and self.curve.server_public is not None:
+            log.info("replication traffic uses CURVE: the primary's public key is %s, this node's %s",
+                     self.curve.server_public.decode(), self.curve.public.decode())
+        else:
+            log.info("replication traffic is NOT authenticated or encrypted (no CURVE keys)")
         log.info("following %s (side channel %s) as %s from seq %d", self.primary, self.control,
                  self.name, self.store.last_seq if self.store else 0)
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
+        poller.register(watch.poll_socket, zmq.POLLIN)
+        self._since = time.monotonic()
         try:
             self._hello()
             previous = 0.0
@@ -381,8 +436,13 @@ class Follower:
                                 "counted afresh", started - previous)
                     self.awake_since = started
                 previous = started
-                self._pump(sub, dealer)
+                if self._pump(sub, dealer):
+                    self.last_heard = started
                 self.last_pump = started  # everything that had arrived by then has been read
+                watch.drain()
+                if watch.retry_due(REFUSED_RETRY):
+                    self._reconnect(sub, dealer)
+                self._check_answer(started)
             if self._drain and self.state in (State.FOLLOWING, State.CATCHING_UP):
                 for _ in range(20):
                     if not self._pump(sub, dealer):
@@ -396,8 +456,38 @@ class Follower:
             self._fatal(f"follower failed: {exc!r}", State.FAILED)
         finally:
             self._dealer = None
+            self._watch = None
+            watch.close()
             sub.close()
             dealer.close()
+
+    def _reconnect(self, sub: zmq.Socket, dealer: zmq.Socket) -> None:
+        """Connect both sockets afresh (libzmq gave up after a refused handshake)."""
+        self.stats["reconnects"] += 1
+        log.info("connecting to the primary again (its last handshake was refused)")
+        for sock, address in ((sub, self.primary), (dealer, self.control)):
+            try:
+                sock.disconnect(address)
+            except zmq.ZMQError:
+                pass  # libzmq already forgot the endpoint
+            sock.connect(address)
+
+    def _check_answer(self, now: float) -> None:
+        """Say why the primary does not answer, once it has not for NO_ANSWER_AFTER seconds."""
+        quiet_since = max(self.last_heard or self._since, self.awake_since)
+        silent = now - quiet_since
+        if silent < NO_ANSWER_AFTER:
+            if self.problem is not None:
+                log.info("the primary answers again")
+                self.problem = None
+                self._problem_logged = 0.0
+            return
+        why = self._watch.explain() if self._watch else "no socket"
+        self.problem = f"no answer from the primary for {silent:.0f}s: {why}"
+        if now - self._problem_logged >= NO_ANSWER_LOG_EVERY:
+            self._problem_logged = now
+            log.warning("THE PRIMARY DOES NOT ANSWER: nothing from %s (side channel %s) for %.0fs, "
+                        "state %s: %s", self.primary, self.control, silent, self.state.value, why)
 
     def _pump(self, sub: zmq.Socket, dealer: zmq.Socket) -> int:
         """Handle what has arrived on both sockets, then step; returns how many messages."""
@@ -438,8 +528,13 @@ class Follower:
         frames = p.encode(type_, cluster_id, self.epoch, body, payload)
         if self._dealer is None:
             self.outbox.append(frames)
-        else:
-            self._dealer.send_multipart(frames)
+            return
+        try:
+            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            # No connection to hand it to (e.g. a refused handshake): the timers repeat it.
+            self.stats["unsent_messages"] += 1
+            log.debug("not sent (no connection to the primary): %s", type_.name)
 
     # --- message handling (the whole of it; tests call these two directly) ---------
     def handle_stream(self, frames: list[bytes]) -> None:
@@ -846,6 +941,7 @@ class Follower:
     # --- status -----------------------------------------------------------------------
     def status(self) -> dict[str, object]:
         now = time.monotonic()
+        watch = self._watch
         applied = self.store.last_seq if self.store else 0
         lag = max(0, self.known_last - applied)
         return {
@@ -869,4 +965,7 @@ class Follower:
             "divergence": self.divergence.as_dict() if self.divergence else None,
             **self.stats,
             "dropped": self.drops.snapshot(),
+            "problem": self.problem,
+            "link": watch.status() if watch else None,
+            "security": self.curve.describe() if self.curve else {"mechanism": "none"},
         }
