@@ -339,6 +339,7 @@ class Follower:
         self.behind_since: float | None = None
         self.synced = store.last_seq if store else 0
         self._last_sync = time.monotonic()
+        self._lazy_sync_running = False
         self._sent_ack = (-1, -1)
         self._ack_at = 0.0
         self.snapshot = SnapshotDownload(self.data, env_int(ENV_SNAPSHOT_CREDIT, DEFAULT_CREDIT))
@@ -819,10 +820,18 @@ class Follower:
         if store is None or self.state in (State.CONNECTING, State.SNAPSHOT):
             return
         received = store.last_seq
-        if received > self.synced and (self.ack_flags & p.ACK_DURABLE or now - self._last_sync >= LAZY_SYNC):
-            store.sync()
-            self.synced = received
-            self._last_sync = now
+        if received > self.synced:
+            if self.ack_flags & p.ACK_DURABLE:
+                store.sync()  # the primary's fsyncs wait for exactly this
+                self.synced = received
+                self._last_sync = now
+            elif now - self._last_sync >= LAZY_SYNC and not self._lazy_sync_running:
+                # Nobody waits on it: flush off the apply path, which a disk flush
+                # would otherwise stall for as long as the disk takes (lag spikes).
+                self._last_sync = now
+                self._lazy_sync_running = True
+                threading.Thread(target=self._lazy_sync, args=(store, received), name="lazy-sync",
+                                 daemon=True).start()
         # Ack at once what the primary's fsyncs wait for; the rest rides on the keepalive,
         # so an async primary is not interrupted for every batch it published.
         if self.ack_flags & p.ACK_DURABLE:
@@ -835,6 +844,16 @@ class Follower:
             self._send(p.MsgType.ACK, (received, self.synced))
             self._sent_ack = (received, self.synced)
             self._ack_at = now
+
+    def _lazy_sync(self, store: Store, seq: int) -> None:
+        try:
+            store.sync()
+            if store is self.store:  # not replaced by a snapshot meanwhile
+                self.synced = max(self.synced, seq)
+        except Exception:
+            log.exception("background sync of the store failed")
+        finally:
+            self._lazy_sync_running = False
 
     # --- snapshots --------------------------------------------------------------------
     def _begin_snapshot(self) -> None:
