@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import Store
+from .store import Store, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Checkpoints:
                     shutil.rmtree(tmp)
                 else:
                     os.rename(tmp, final)
-                    _fsync_dir(self.root)
+                    fsync_path(self.root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -152,9 +152,3 @@ class Checkpoints:
                 shutil.rmtree(entry, ignore_errors=True)  # left by a process that died
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -697,8 +697,8 @@ class Store:
         dest.mkdir(parents=True, exist_ok=True)
         with self._env_lock.shared():
             self.env.copy(str(dest), compact=True)
-        _fsync_file(dest / "data.mdb")
-        _fsync_file(dest)
+        fsync_path(dest / "data.mdb")
+        fsync_path(dest)
         _cluster, seq, _epoch = inspect_environment(dest)
         with self._write_lock, self.env.begin(write=True) as txn:
             txn.put(META_CHECKPOINT_SEQ, u64(seq), db=self.db.meta)
@@ -732,7 +732,8 @@ class Store:
         self.read_only_reason = None
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory: so that the names in it are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -747,14 +748,14 @@ def _keep_data_file(store_dir: Path, keep_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         target.unlink()  # left by a resync that crashed before the swap: the same old file
     os.link(store_dir / "data.mdb", target)
-    _fsync_file(keep_dir)
+    fsync_path(keep_dir)
 
 
 def _install_data_file(source_dir: Path, store_dir: Path) -> None:
     """Move the data file of environment `source_dir` over `store_dir`'s, durably."""
-    _fsync_file(source_dir / "data.mdb")
+    fsync_path(source_dir / "data.mdb")
     os.replace(source_dir / "data.mdb", store_dir / "data.mdb")
-    _fsync_file(store_dir)
+    fsync_path(store_dir)
 
 
 __all__ = [

@@ -42,7 +42,7 @@ from journal import ops
 from journal.errors import CorruptRecord
 from journal.records import decode_record
 from journal.schema import ROOT_INO, Databases, Inode, from_u64, u64
-from journal.store import Store
+from journal.store import Store, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +226,6 @@ def export_name(primary_epoch: int, from_seq: int, to_seq: int) -> str:
     return f"epoch{primary_epoch}-seq{from_seq}-{to_seq}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def export(store: Store, from_seq: int, *, primary: str, primary_epoch: int,
@@ -283,7 +277,7 @@ def export(store: Store, from_seq: int, *, primary: str, primary_epoch: int,
     tmp = directory / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(result.as_dict()))
     os.replace(tmp, summary_file)
-    _fsync(directory)
+    fsync_path(directory)
     log.warning("exported %d divergent record(s), seqs %d..%d, to %s", count, from_seq, to_seq, directory)
     return result
 

@@ -27,23 +27,10 @@ from typing import Any
 import pytest
 
 from replica.control import ControlError, NodeNotRunning, request
+from tests.mounts import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_PY = REPO / "mount.py"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
-               on_fail: Callable[[], str] | None = None) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{on_fail()}" if on_fail else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def free_port_pair() -> int:

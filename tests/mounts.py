@@ -10,12 +10,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_PY = REPO / "mount.py"
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
+               on_fail: Callable[[], str] | None = None) -> Any:
     """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -23,7 +25,8 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            extra = f"\n{on_fail()}" if on_fail else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
 
 
@@ -81,7 +84,7 @@ class Node:
                 raise AssertionError(f"node exited {self.proc.returncode} before mounting:\n{self.log()}")
             return os.path.ismount(self.mountpoint)
 
-        wait_for(ready, timeout, f"mount of {self.mountpoint}")
+        wait_until(ready, timeout, f"mount of {self.mountpoint}")
 
     def stop(self, timeout: float = 20) -> int | None:
         """SIGTERM, wait, then SIGKILL; always leaves the mountpoint unmounted."""

@@ -16,7 +16,7 @@ import pytest
 
 from journal.check import digest, replay
 from journal.store import Store
-from tests.mounts import run_cli, start_primary, unmount, wait_for
+from tests.mounts import run_cli, start_primary, unmount, wait_until
 from tests.test_mount import copy_source_tree, sh
 
 pytestmark = pytest.mark.fuse
@@ -71,7 +71,7 @@ def test_sigkill_during_write_storm_loses_no_fsynced_file(tmp_path):
                 writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), f"r{round_no}-"],
                                           stdout=out, stderr=subprocess.DEVNULL)
                 try:
-                    wait_for(lambda log=ack_log: len(acknowledged(log)) >= 20, 30,
+                    wait_until(lambda log=ack_log: len(acknowledged(log)) >= 20, 30,
                              "first acknowledged files")
                     time.sleep(rng.uniform(0.0, 0.5))
                     node.proc.send_signal(signal.SIGKILL)  # mid-storm, at a random instant

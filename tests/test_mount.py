@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Primaries
-from tests.mounts import run_cli, wait_for
+from tests.mounts import run_cli, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -188,7 +188,7 @@ def test_unlink_while_open_keeps_reading(primary):
         assert not (mnt / "f").exists()
         assert f.read() == b"still here"
     # The kernel releases the file asynchronously; then libfuse removes the hidden name.
-    wait_for(lambda: not [n for n in os.listdir(mnt) if n.startswith(".fuse_hidden")], 10,
+    wait_until(lambda: not [n for n in os.listdir(mnt) if n.startswith(".fuse_hidden")], 10,
              "the unlinked file to go once closed")
 
 
