@@ -10,6 +10,7 @@ a signature inspection per call.
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 NAME = os.environ.get("TANDEMFS_FUSE", "mfusepy")
@@ -74,3 +75,26 @@ class FUSE(_binding.FUSE):
 
         def utimens(self, path: bytes, buf: object) -> int:
             return self.operations("utimens", path.decode(self.encoding), _times(buf))
+
+
+def session_exiting() -> bool:
+    """Called from a FUSE worker thread: is libfuse shutting the session down?
+
+    On SIGTERM/SIGINT libfuse marks its session as exited and then waits for every busy
+    worker, so an fsync blocked waiting for a standby (block mode) would hold the process
+    forever. A waiting worker polls this and gives up instead. Both bindings load libfuse
+    as `_libfuse`; if that is unavailable the answer is False (waits go on).
+    """
+    try:
+        lib = _binding._libfuse
+        if lib.fuse_get_session.restype is not ctypes.c_void_p:
+            lib.fuse_get_session.restype = ctypes.c_void_p
+            lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+            lib.fuse_session_exited.argtypes = [ctypes.c_void_p]
+        context = lib.fuse_get_context()
+        if not context or not context.contents.fuse:
+            return False
+        session = lib.fuse_get_session(ctypes.c_void_p(context.contents.fuse))
+        return bool(session) and bool(lib.fuse_session_exited(ctypes.c_void_p(session)))
+    except (AttributeError, ValueError):
+        return False

@@ -31,7 +31,6 @@ holds for the addresses a promotion chooses by itself too.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fs.binding import session_exiting
 from journal.checkpoints import (
     DEFAULT_INTERVAL,
     DEFAULT_KEEP,
@@ -149,31 +149,6 @@ def check_security(config: NodeConfig, role: str, endpoints: list[str] | None = 
                                 "(NAME.key) of the primary it follows")
     require_for(endpoints if endpoints is not None else replication_endpoints(config, role), curve,
                 config.insecure)
-
-
-def fuse_session_exiting() -> bool:
-    """Called from a FUSE worker thread: is libfuse shutting the session down?
-
-    On SIGTERM/SIGINT libfuse marks its session as exited and then waits for every busy
-    worker, so an fsync blocked waiting for a standby (block mode) would hold the process
-    forever. The waiting worker polls this and gives up instead. It asks libfuse through
-    the binding's ctypes handle; if that is unavailable it answers False (waits go on).
-    """
-    try:
-        from fs import binding
-
-        lib = binding._binding._libfuse  # both fusepy and mfusepy load libfuse as _libfuse
-        if lib.fuse_get_session.restype is not ctypes.c_void_p:
-            lib.fuse_get_session.restype = ctypes.c_void_p
-            lib.fuse_get_session.argtypes = [ctypes.c_void_p]
-            lib.fuse_session_exited.argtypes = [ctypes.c_void_p]
-        context = lib.fuse_get_context()
-        if not context or not context.contents.fuse:
-            return False
-        session = lib.fuse_get_session(ctypes.c_void_p(context.contents.fuse))
-        return bool(session) and bool(lib.fuse_session_exited(ctypes.c_void_p(session)))
-    except (ImportError, AttributeError, ValueError):
-        return False
 
 
 def default_side_channel(address: str) -> str:
@@ -423,7 +398,7 @@ class Node:
             self.store, self.checkpoints, listen, control, durability=durability,
             sync_timeout=request.sync_timeout or config.sync_timeout,
             on_standby_loss=request.on_standby_loss or config.on_standby_loss,
-            request_checkpoint=self.request_checkpoint, stopping=fuse_session_exiting, peers=peers,
+            request_checkpoint=self.request_checkpoint, stopping=session_exiting, peers=peers,
             name=config.name or default_name(config.data), taking_over=True, curve=curve,
             peer_server_keys=known)
 
@@ -668,7 +643,7 @@ def run_primary(config: NodeConfig, takeover: PromoteRequest | None = None,
                 store, node.checkpoints, config.listen, config.control or default_side_channel(config.listen),
                 durability=config.durability or Durability.ASYNC, sync_timeout=config.sync_timeout,
                 on_standby_loss=config.on_standby_loss, request_checkpoint=node.request_checkpoint,
-                stopping=fuse_session_exiting,
+                stopping=session_exiting,
                 peers=config.peer_channels or [default_side_channel(a) for a in config.peers],
                 name=config.name or default_name(config.data), taking_over=takeover is not None,
                 curve=config.curve, peer_server_keys=config.peer_server_keys)
