@@ -17,7 +17,7 @@ from typing import Any
 
 from journal import ops
 from journal.errors import NameTooLong, NotFound, ReadOnly
-from journal.schema import BLOCK_SIZE, NAME_MAX, ROOT_INO
+from journal.schema import BLOCK_SIZE, NAME_MAX, ROOT_INO, Inode
 from journal.state import FsState
 from journal.store import Store
 
@@ -48,24 +48,20 @@ class TandemFS(Operations):
         self.fsync_hook = fsync_hook
 
     # --- helpers --------------------------------------------------------------------
-    def _commit(self, op: ops.Op) -> int:
-        if self.store.read_only_reason:
-            raise ReadOnly(self.store.read_only_reason)
-        return self.store.commit(op)
-
     def _resolve(self, path: str) -> int:
         with self.store.reader() as st:
             return st.resolve(os.fsencode(path))
 
-    def _parent(self, st: FsState, path: str) -> tuple[int, bytes, int]:
-        """(parent ino, name, gid for a new entry) of a path whose last part is new."""
+    def _new_entry(self, st: FsState, path: str) -> tuple[int, bytes, Inode, int, int]:
+        """(parent ino, name, parent inode, uid, gid) for a new entry at `path`: owned by
+        the caller, in the parent's group if the parent is setgid."""
         parent_path, name = _split(path)
         parent = st.resolve(parent_path)
         node = st.directory(parent)
         uid, gid, _pid = fuse_get_context()
         if node.mode & stat.S_ISGID:
             gid = node.gid
-        return parent, name, gid
+        return parent, name, node, uid, gid
 
     @staticmethod
     def _attrs(ino: int, node: Any) -> dict[str, int]:
@@ -86,13 +82,11 @@ class TandemFS(Operations):
 
     def _make(self, path: str, mode: int, rdev: int = 0) -> int:
         with self.store.reader() as st:
-            parent, name, gid = self._parent(st, path)
-            parent_mode = st.inode(parent).mode
-        uid = fuse_get_context()[0]
-        if stat.S_ISDIR(mode) and parent_mode & stat.S_ISGID:
+            parent, name, parent_node, uid, gid = self._new_entry(st, path)
+        if stat.S_ISDIR(mode) and parent_node.mode & stat.S_ISGID:
             mode |= stat.S_ISGID
         ino = self.store.allocate_ino()
-        self._commit(ops.MakeNode(parent=parent, ino=ino, mode=mode, rdev=rdev, uid=uid, gid=gid,
+        self.store.commit(ops.MakeNode(parent=parent, ino=ino, mode=mode, rdev=rdev, uid=uid, gid=gid,
                                   time_ns=time.time_ns(), name=name))
         return ino
 
@@ -165,9 +159,8 @@ class TandemFS(Operations):
     def symlink(self, target: str, source: str) -> int:
         """`target` is the new link's path, `source` what it points to (ln -s source target)."""
         with self.store.reader() as st:
-            parent, name, gid = self._parent(st, target)
-        uid = fuse_get_context()[0]
-        self._commit(ops.Symlink(parent=parent, ino=self.store.allocate_ino(), uid=uid, gid=gid,
+            parent, name, _node, uid, gid = self._new_entry(st, target)
+        self.store.commit(ops.Symlink(parent=parent, ino=self.store.allocate_ino(), uid=uid, gid=gid,
                                  time_ns=time.time_ns(), name=name, target=os.fsencode(source)))
         return 0
 
@@ -176,22 +169,22 @@ class TandemFS(Operations):
         """`target` is the new name, `source` the existing file (ln source target)."""
         with self.store.reader() as st:
             ino = st.resolve(os.fsencode(source))
-            parent, name, _gid = self._parent(st, target)
-        self._commit(ops.Link(ino=ino, parent=parent, time_ns=time.time_ns(), name=name))
+            parent, name, *_owner = self._new_entry(st, target)
+        self.store.commit(ops.Link(ino=ino, parent=parent, time_ns=time.time_ns(), name=name))
         return 0
 
     @fuse_errors
     def unlink(self, path: str) -> int:
         parent_path, name = _split(path)
         parent = self._resolve(os.fsdecode(parent_path))
-        self._commit(ops.Unlink(parent=parent, time_ns=time.time_ns(), name=name))
+        self.store.commit(ops.Unlink(parent=parent, time_ns=time.time_ns(), name=name))
         return 0
 
     @fuse_errors
     def rmdir(self, path: str) -> int:
         parent_path, name = _split(path)
         parent = self._resolve(os.fsdecode(parent_path))
-        self._commit(ops.Rmdir(parent=parent, time_ns=time.time_ns(), name=name))
+        self.store.commit(ops.Rmdir(parent=parent, time_ns=time.time_ns(), name=name))
         return 0
 
     @fuse_errors
@@ -201,14 +194,14 @@ class TandemFS(Operations):
         with self.store.reader() as st:
             old_parent = st.resolve(old_parent_path)
             new_parent = st.resolve(new_parent_path)
-        self._commit(ops.Rename(old_parent=old_parent, new_parent=new_parent, flags=flags,
+        self.store.commit(ops.Rename(old_parent=old_parent, new_parent=new_parent, flags=flags,
                                 time_ns=time.time_ns(), old_name=old_name, new_name=new_name))
         return 0
 
     @fuse_errors
     def chmod(self, path: str, mode: int) -> int:
         ino = self._resolve(path)
-        self._commit(ops.SetAttr(ino=ino, fields=ops.SET_MODE, mode=mode, uid=0, gid=0,
+        self.store.commit(ops.SetAttr(ino=ino, fields=ops.SET_MODE, mode=mode, uid=0, gid=0,
                                  atime_ns=0, mtime_ns=0, time_ns=time.time_ns()))
         return 0
 
@@ -217,7 +210,7 @@ class TandemFS(Operations):
         fields = (ops.SET_UID if uid != -1 else 0) | (ops.SET_GID if gid != -1 else 0)
         ino = self._resolve(path)
         if fields:
-            self._commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=max(uid, 0), gid=max(gid, 0),
+            self.store.commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=max(uid, 0), gid=max(gid, 0),
                                      atime_ns=0, mtime_ns=0, time_ns=time.time_ns()))
         return 0
 
@@ -235,7 +228,8 @@ class TandemFS(Operations):
             fields |= bit
             values[key] = now if value == UTIME_NOW else int(value)
         if fields:
-            self._commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=0, gid=0, time_ns=now, **values))
+            self.store.commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=0, gid=0, time_ns=now,
+                                          **values))
         return 0
 
     # --- file data ------------------------------------------------------------------
@@ -254,13 +248,13 @@ class TandemFS(Operations):
     @fuse_errors
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         ino = fh or self._resolve(path)
-        self._commit(ops.Write(ino=ino, offset=offset, time_ns=time.time_ns(), data=data))
+        self.store.commit(ops.Write(ino=ino, offset=offset, time_ns=time.time_ns(), data=data))
         return len(data)
 
     @fuse_errors
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         ino = fh or self._resolve(path)
-        self._commit(ops.Truncate(ino=ino, size=length, time_ns=time.time_ns()))
+        self.store.commit(ops.Truncate(ino=ino, size=length, time_ns=time.time_ns()))
         return 0
 
     @fuse_errors
@@ -320,14 +314,14 @@ class TandemFS(Operations):
             # tools fall back to chmod.
             raise FuseOSError(errno.EOPNOTSUPP)
         ino = self._resolve(path)
-        self._commit(ops.SetXattr(ino=ino, flags=options, time_ns=time.time_ns(),
+        self.store.commit(ops.SetXattr(ino=ino, flags=options, time_ns=time.time_ns(),
                                   name=os.fsencode(name), value=value))
         return 0
 
     @fuse_errors
     def removexattr(self, path: str, name: str) -> int:
         ino = self._resolve(path)
-        self._commit(ops.RemoveXattr(ino=ino, time_ns=time.time_ns(), name=os.fsencode(name)))
+        self.store.commit(ops.RemoveXattr(ino=ino, time_ns=time.time_ns(), name=os.fsencode(name)))
         return 0
 
     # Not for this filesystem: answered explicitly, never ENOSYS (which would disable
