@@ -490,26 +490,30 @@ class Store:
     def _commit_parts(self, parts: list[ops.Op], force: bool = False) -> int:
         if self.read_only_reason and not force:
             raise ReadOnly(self.read_only_reason)
-        seq = self.last_seq
-        committed = []
         try:
             with self.env.begin(write=True) as txn:
-                state = FsState(txn, self.db)
-                for op in parts:
-                    apply(state, op)
-                    self._note_inode(op)
-                # Journal after state: a file's blocks get neighbouring pages, which keeps
-                # later sequential reads of it sequential on disk.
-                for op in parts:
-                    seq += 1
-                    raw = encode_record(self.cluster_id, self.epoch, seq, op)
-                    self._append(txn, self.epoch, seq, raw)
-                    committed.append((seq, raw))
+                committed = self._apply_parts(txn, parts, self.last_seq)
         except lmdb.MapFullError as exc:
             raise StoreFull(f"store is full ({self.max_size} bytes)") from exc
-        self.last_seq = seq
+        self.last_seq = committed[-1][0]
         self._notify(committed)
-        return seq
+        return self.last_seq
+
+    def _apply_parts(self, txn: lmdb.Transaction, parts: list[ops.Op], seq: int) -> list[tuple[int, bytes]]:
+        """Apply the parts of one call and journal them as the records after `seq`."""
+        state = FsState(txn, self.db)
+        for op in parts:
+            apply(state, op)
+            self._note_inode(op)
+        # Journal after state: a file's blocks get neighbouring pages, which keeps later
+        # sequential reads of it sequential on disk.
+        committed = []
+        for op in parts:
+            seq += 1
+            raw = encode_record(self.cluster_id, self.epoch, seq, op)
+            self._append(txn, self.epoch, seq, raw)
+            committed.append((seq, raw))
+        return committed
 
     def _advance(self) -> None:
         with contextlib.suppress(lmdb.MapFullError), self.env.begin(write=True) as txn:
@@ -546,16 +550,9 @@ class Store:
                         if self.read_only_reason:
                             results.append((future, ReadOnly(self.read_only_reason)))
                             continue
-                        mine = []
                         try:
                             with self.env.begin(write=True, parent=txn) as child:
-                                state = FsState(child, self.db)
-                                for op in parts:
-                                    raw = encode_record(self.cluster_id, self.epoch, seq + len(mine) + 1, op)
-                                    apply(state, op)
-                                    self._note_inode(op)
-                                    self._append(child, self.epoch, seq + len(mine) + 1, raw)
-                                    mine.append((seq + len(mine) + 1, raw))
+                                mine = self._apply_parts(child, parts, seq)
                         except FsError as exc:
                             results.append((future, exc))
                             continue
