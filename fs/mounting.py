@@ -88,10 +88,26 @@ def serve(operations: TandemFS, mountpoint: str, read_only: bool = False) -> Non
     log.info("unmounted %s", mountpoint)
 
 
-def unmount(mountpoint: str, lazy: bool = False) -> bool:
-    """Unmount with fusermount3/fusermount; returns whether it worked."""
+def is_mounted(mountpoint: str | os.PathLike) -> bool:
+    """Whether anything is mounted there, also a dead FUSE mount whose server was killed
+    (which os.path.ismount cannot stat)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == target for line in mounts)
+
+
+def unmount(mountpoint: str | os.PathLike, attempts: int = 20) -> bool:
+    """Unmount with fusermount3/fusermount, retrying while the mount is busy, then lazily;
+    returns whether nothing is mounted there any more."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
-        return False
-    args = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
-    return subprocess.run(args, capture_output=True, timeout=30).returncode == 0
+        return not is_mounted(mountpoint)
+    for _ in range(attempts):
+        if not is_mounted(mountpoint):
+            return True
+        subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, timeout=30)
+        if not is_mounted(mountpoint):
+            return True
+        time.sleep(0.1)
+    subprocess.run([tool, "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
+    return not is_mounted(mountpoint)

@@ -704,7 +704,7 @@ def run_standby(config: NodeConfig) -> int:
         node._stop.set()
         node._wake.set()
         if config.mount and os.path.ismount(config.mount):
-            unmount(config.mount) or unmount(config.mount, lazy=True)
+            unmount(config.mount)
 
     def on_signal(signum: int, frame: object) -> None:
         node._stop.set()

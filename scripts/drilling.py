@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -77,21 +76,10 @@ def free_port_pair(rng: random.Random, host: str = "127.0.0.1") -> int:
     raise DrillError("no free pair of ports")
 
 
-def mounted(mountpoint: Path) -> bool:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
-
-
 def unmount(mountpoint: Path) -> None:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
-    for _ in range(20):
-        if not mounted(mountpoint):
-            return
-        subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, timeout=30)
-        if mounted(mountpoint):
-            time.sleep(0.05)
-    subprocess.run([tool, "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
+    from fs.mounting import unmount as unmount_fuse  # after ensure_venv: the repository's own
+
+    unmount_fuse(mountpoint)
 
 
 def cli(*args: str, timeout: float = 120, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

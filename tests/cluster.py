@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fs.mounting import unmount
 from replica.control import ControlError, NodeNotRunning, request
 from tests.mounts import wait_until
 
@@ -54,23 +53,6 @@ def free_port_pair() -> int:
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MOUNT_PY), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
-
-
-def unmount(mountpoint: Path) -> None:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
-
-    def mounted() -> bool:
-        target = os.path.realpath(mountpoint)
-        with open("/proc/self/mounts") as mounts:
-            return any(line.split()[1] == target for line in mounts)
-
-    for _ in range(20):
-        if not mounted():
-            return
-        subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, timeout=30)
-        if mounted():
-            time.sleep(0.1)
-    subprocess.run([tool, "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
 
 
 class Proc:

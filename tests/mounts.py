@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from fs.mounting import unmount
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_PY = REPO / "mount.py"
@@ -37,29 +38,6 @@ def run_cli(*args: str, timeout: float = 60, check: bool = True) -> subprocess.C
         raise AssertionError(f"mount.py {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
-
-
-def unmount(mountpoint: Path) -> None:
-    """Unmount if mounted (also a dead mount whose server was killed): bounded retries, then lazy."""
-    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
-
-    def mounted() -> bool:
-        return os.path.ismount(mountpoint) or _dead_mount(mountpoint)
-
-    for _ in range(20):
-        if not mounted():
-            return
-        subprocess.run([tool, "-u", str(mountpoint)], capture_output=True, timeout=30)
-        if not mounted():
-            return
-        time.sleep(0.1)
-    subprocess.run([tool, "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
-
-
-def _dead_mount(mountpoint: Path) -> bool:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
 
 
 class Node:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from fs.mounting import unmount
 from journal.check import digest, replay
 from journal.store import Store
-from tests.mounts import run_cli, start_primary, unmount, wait_until
+from tests.mounts import run_cli, start_primary, wait_until
 from tests.test_mount import copy_source_tree, sh
 
 pytestmark = pytest.mark.fuse
