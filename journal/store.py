@@ -47,7 +47,6 @@ from .errors import (
 from .records import decode_record, encode_record, peek_header
 from .schema import (
     BLOCK_SIZE,
-    DB_JOURNAL,
     DB_META,
     FORMAT_VERSION,
     META_CHECKPOINT_SEQ,
@@ -756,5 +755,6 @@ def _install_data_file(source_dir: Path, store_dir: Path) -> None:
 
 
 __all__ = [
-    "Store", "EnvLock", "inspect_environment", "DB_JOURNAL", "parse_size", "is_store", "DEFAULT_MAX_SIZE",
+    "Store", "EnvLock", "inspect_environment", "fsync_path", "split_write", "parse_size", "is_store",
+    "DEFAULT_MAX_SIZE",
 ]
