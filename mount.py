@@ -40,7 +40,7 @@ def _config(args: argparse.Namespace, **extra: object):
 
     return NodeConfig(
         data=Path(args.data), mount=args.mount, max_size=args.max_size, control=args.control,
-        retention=RetentionPolicy(args.retain_records, args.retain_bytes),
+        retention=RetentionPolicy(args.retain_records, args.retain_bytes, args.tail_records, args.tail_bytes),
         checkpoint_interval=args.checkpoint_interval, keep_checkpoints=args.keep_checkpoints, **extra)
 
 
@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
             DEFAULT_KEEP,
             DEFAULT_RETAIN_BYTES,
             DEFAULT_RETAIN_RECORDS,
+            DEFAULT_TAIL_BYTES,
+            DEFAULT_TAIL_RECORDS,
         )
 
         p.add_argument("--data", required=True, metavar="DIR", help="the store's data directory")
@@ -471,7 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="retention bound: never keep more journal records than this for a lagging "
                        f"standby (default {DEFAULT_RETAIN_RECORDS})")
         p.add_argument("--retain-bytes", type=_size, default=DEFAULT_RETAIN_BYTES, metavar="SIZE",
-                       help=f"retention bound in bytes of journal (default {DEFAULT_RETAIN_BYTES >> 30}G)")
+                       help="retention bound in bytes of journal (default "
+                       f"{DEFAULT_RETAIN_BYTES >> 30}G, at most a quarter of --max-size)")
+        p.add_argument("--tail-records", type=int, default=DEFAULT_TAIL_RECORDS, metavar="N",
+                       help="journal records kept when no standby needs them, for one that reconnects "
+                       f"(default {DEFAULT_TAIL_RECORDS})")
+        p.add_argument("--tail-bytes", type=_size, default=DEFAULT_TAIL_BYTES, metavar="SIZE",
+                       help=f"...and at most this many bytes of them (default {DEFAULT_TAIL_BYTES >> 20}M, "
+                       "at most a sixteenth of --max-size)")
 
     def curve_options(p: argparse.ArgumentParser, role: str) -> None:
         serving = {"primary": "", "standby": "once promoted, ", "promote": ""}[role]

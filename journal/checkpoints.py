@@ -6,12 +6,17 @@ temporary directory and renamed into place, so a directory with a number for a n
 always a whole checkpoint. Checkpoints bootstrap new or far-behind standbys (streamed by
 the primary as a snapshot) and are the recovery point for backups.
 
-The journal is pruned only below what every known standby has acknowledged and what the
-newest checkpoint covers, so that (a) a standby that is merely behind can fetch the
-records it lacks, and (b) anything pruned can be rebuilt from a checkpoint. A dead
-standby must not hold the journal forever: past a retention bound (records or bytes)
-its acknowledgement stops counting, and when it comes back it re-bootstraps from a
-snapshot. `prune_point` is that rule as a pure function, so it is tested on its own.
+The journal is kept for standbys, not for the checkpoint: it is pruned below what every
+known standby still needs (the record after the newest it has acknowledged), except for a
+short tail kept for whoever reconnects. It does not wait for a checkpoint to cover it:
+waiting let the journal of a lone primary fill the store between checkpoints (on a
+64 MiB store, writing and deleting a 20 MiB file four times left room for only 2 MiB),
+and a standby that needs records no longer held is served a fresh checkpoint anyway. A
+dead standby must not hold the journal forever either: past a retention bound (records
+or bytes) its acknowledgement stops counting, and when it comes back it re-bootstraps
+from a snapshot. The byte bounds are cut to fractions of the store's size, so the
+journal never takes most of a small store. `prune_point` is that rule as a pure
+function, so it is tested on its own.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .store import Store, fsync_path
@@ -35,6 +40,10 @@ DEFAULT_KEEP = 2
 DEFAULT_RETAIN_RECORDS = 1_000_000
 #: ...nor more bytes than this.
 DEFAULT_RETAIN_BYTES = 2 << 30
+#: The tail kept when no standby needs more: this many records at most...
+DEFAULT_TAIL_RECORDS = 10_000
+#: ...and this many bytes.
+DEFAULT_TAIL_BYTES = 64 << 20
 #: A periodic checkpoint is taken this often (seconds) when the journal has grown.
 DEFAULT_INTERVAL = 600.0
 
@@ -56,26 +65,39 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class RetentionPolicy:
+    #: The most journal a lagging standby may hold back, in records...
     retain_records: int = DEFAULT_RETAIN_RECORDS
+    #: ...and in bytes.
     retain_bytes: int = DEFAULT_RETAIN_BYTES
+    #: The tail kept for a standby that reconnects, in records...
+    tail_records: int = DEFAULT_TAIL_RECORDS
+    #: ...and in bytes.
+    tail_bytes: int = DEFAULT_TAIL_BYTES
+
+    def within(self, store_size: int) -> RetentionPolicy:
+        """This policy with its byte bounds cut to fit a store of `store_size` bytes: a
+        lagging standby holds at most a quarter of it, the tail a sixteenth."""
+        return replace(self, retain_bytes=min(self.retain_bytes, store_size // 4),
+                       tail_bytes=min(self.tail_bytes, store_size // 16))
 
 
-def prune_point(policy: RetentionPolicy, *, first_seq: int, last_seq: int, checkpoint_seq: int,
+def prune_point(policy: RetentionPolicy, *, first_seq: int, last_seq: int,
                 standby_acks: dict[str, int], journal_bytes: int) -> tuple[int, list[str]]:
     """(seq to prune below, names of standbys given up on) for the current position.
 
-    Records with seq <= checkpoint_seq are covered by the checkpoint; a standby that
-    acknowledged seq n still needs n + 1 onwards. A standby whose need lies further back
-    than the retention bound (in records, or in bytes estimated from the journal's mean
-    record size) no longer holds the journal back. Never prunes past the checkpoint.
+    A standby that acknowledged seq n still needs n + 1 onwards. A standby whose need lies
+    further back than the retention bound (in records, or in bytes estimated from the
+    journal's mean record size) no longer holds the journal back. Whatever the standbys,
+    the newest records up to the tail bound are kept.
     """
-    below = checkpoint_seq + 1
     records = max(0, last_seq - first_seq + 1)
-    keep_records = policy.retain_records
-    if records and journal_bytes > policy.retain_bytes:
-        per_record = journal_bytes / records
-        keep_records = min(keep_records, int(policy.retain_bytes / per_record))
-    bound = last_seq + 1 - keep_records  # a need older than this is given up on
+    per_record = journal_bytes / records if records and journal_bytes else 0.0
+
+    def keep(most_records: int, most_bytes: int) -> int:
+        return min(most_records, int(most_bytes / per_record)) if per_record else most_records
+
+    below = last_seq + 1 - keep(policy.tail_records, policy.tail_bytes)
+    bound = last_seq + 1 - keep(policy.retain_records, policy.retain_bytes)  # older needs are given up
     given_up = []
     for name, acked in standby_acks.items():
         need = acked + 1

@@ -252,6 +252,9 @@ class Store:
         self._open(max_size, readonly)
         self.read_only_reason: str | None = "opened read-only" if readonly else None
         self.listeners: list[CommitListener] = []
+        #: Called (from the writing thread, without the write lock) when the store is full:
+        #: the node prunes what journal it may. Then the write is tried once more.
+        self.on_full: Callable[[], None] | None = None
         self.group_commit = group_commit
         self._queue: queue.SimpleQueue | None = None
         self._writer: threading.Thread | None = None
@@ -473,18 +476,32 @@ class Store:
         if self.read_only_reason:
             raise ReadOnly(self.read_only_reason)
         parts = split_write(op)
+        try:
+            return self._submit(parts)
+        except StoreFull:
+            self.make_room()
+            return self._submit(parts)
+
+    def _submit(self, parts: list[ops.Op]) -> int:
         if self._queue is not None:
             future: Future = Future()
             self._queue.put((parts, future))
             return future.result()
         with self._write_lock:
+            return self._commit_parts(parts)
+
+    def make_room(self) -> None:
+        """What a full store does before it answers ENOSPC: let its owner drop journal
+        nobody needs (`on_full`), then commit once more, empty. LMDB reuses pages freed by
+        a transaction only from the next-but-one on, so after a delete or a prune the
+        empty commit is what makes that space available."""
+        if self.on_full is not None:
             try:
-                return self._commit_parts(parts)
-            except StoreFull:
-                # LMDB reuses pages freed by a transaction only from the next-but-one on:
-                # after a delete, an empty commit makes that space available. Try once more.
-                self._advance()
-                return self._commit_parts(parts)
+                self.on_full()
+            except Exception:
+                log.exception("making room in a full store failed")
+        with self._write_lock:
+            self._advance()
 
     def _commit_parts(self, parts: list[ops.Op], force: bool = False) -> int:
         if self.read_only_reason and not force:
@@ -571,8 +588,6 @@ class Store:
             if committed:
                 self.last_seq = seq
                 self._notify(committed)
-            elif any(isinstance(r, StoreFull) for _, r in results):
-                self._advance()
         for future, result in results:
             if isinstance(result, BaseException):
                 future.set_exception(result)
@@ -608,7 +623,15 @@ class Store:
         Raises SequenceGap when a record does not follow, CorruptRecord or WrongCluster
         when one fails verification, StaleEpoch when one is of an older epoch than the
         records before it (a deposed primary's); records before the bad one are committed.
+        A full store makes room (`make_room`) and tries once more before raising StoreFull.
         """
+        try:
+            return self._apply_records(raws)
+        except StoreFull:
+            self.make_room()
+            return self._apply_records(raws)
+
+    def _apply_records(self, raws: list[bytes]) -> int:
         with self._write_lock:
             seq = self.last_seq
             epoch = self.epoch_history[-1][0] if self.epoch_history else 0

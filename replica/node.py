@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 #: How often the maintenance thread looks at checkpoints and retention (seconds).
 MAINTENANCE_TICK = 1.0
+#: The maintenance thread prunes once at least this many records can go.
+PRUNE_AT_LEAST = 1024
 #: Entries a standby's data directory may hold before it has a store.
 _BOOTSTRAP_LEFTOVERS = {INCOMING, "node.lock", "control.sock", "checkpoints"}
 #: How long a promotion waits for a mount it asked for to come up (seconds).
@@ -182,6 +184,7 @@ class Node:
         self._lock: NodeLock | None = None
         self._control: ControlServer | None = None
         self.last_prune: dict[str, Any] = {}
+        self._retain_lock = threading.Lock()
         self.takeover: Takeover | None = None
         self._promote_lock = threading.Lock()
         #: Wakes the main thread of a standby: stop, or a mount a promotion asked for.
@@ -192,6 +195,7 @@ class Node:
     # --- store ------------------------------------------------------------------------
     def _adopt(self, store: Store) -> None:
         self.store = store
+        store.on_full = self._make_room
         self.checkpoints = Checkpoints(store, self.config.keep_checkpoints)
         self._store_ready.set()
 
@@ -250,7 +254,7 @@ class Node:
                 if requests or (due and (newest is None or newest.seq < self.store.last_seq)):
                     checkpoint = self.checkpoints.take()
                     last_checkpoint = time.monotonic()
-                    pruned = self._retain()
+                    pruned = self._retain(eager=bool(requests))
                     for future in requests:
                         future.set_result((checkpoint, pruned))
                 else:
@@ -264,27 +268,33 @@ class Node:
     def _can_maintain(self) -> bool:
         return self.follower is None or self.follower.state.value in ("following", "catching-up")
 
-    def _retain(self) -> dict[str, Any] | None:
-        """Prune the journal as far as checkpoints, standbys and the retention bound allow;
-        returns what was pruned, if anything."""
-        store, checkpoints = self.store, self.checkpoints
-        assert store is not None and checkpoints is not None
-        newest = checkpoints.newest()
-        if newest is None:
-            return None
-        acks = self.replication.standby_positions() if self.replication else {}
-        first = store.first_seq()
-        below, given_up = prune_point(self.config.retention, first_seq=first, last_seq=store.last_seq,
-                                      checkpoint_seq=newest.seq, standby_acks=acks,
-                                      journal_bytes=store.journal_bytes())
-        if given_up and self.replication:
-            self.replication.forget(given_up)
-        if below > first:
-            removed = store.prune(below)
-            self.last_prune = {"below": below, "removed": removed, "time": time.time()}
-            log.info("pruned %d journal records below seq %d", removed, below)
-            return self.last_prune
+    def _retain(self, eager: bool = False, full: bool = False) -> dict[str, Any] | None:
+        """Prune the journal as far as the standbys and the retention bounds allow; returns
+        what was pruned, if anything. Small prunes wait for more to gather, unless asked
+        for (`eager`: an operator's checkpoint) or the store is `full`."""
+        store = self.store
+        assert store is not None
+        with self._retain_lock:
+            acks = self.replication.standby_positions() if self.replication else {}
+            first = store.first_seq()
+            below, given_up = prune_point(self.config.retention.within(store.max_size), first_seq=first,
+                                          last_seq=store.last_seq, standby_acks=acks,
+                                          journal_bytes=store.journal_bytes())
+            if given_up and self.replication:
+                self.replication.forget(given_up)
+            if below - first >= (1 if eager or full else PRUNE_AT_LEAST):
+                removed = store.prune(below)
+                self.last_prune = {"below": below, "removed": removed, "time": time.time()}
+                log.log(logging.WARNING if full else logging.DEBUG,
+                        "pruned %d journal records below seq %d%s", removed, below,
+                        " to make room in a full store" if full else "")
+                return self.last_prune
         return None
+
+    def _make_room(self) -> None:
+        """The store's answer to a full map: drop the journal nobody needs, then retry."""
+        if self._can_maintain():
+            self._retain(full=True)
 
     # --- promotion ----------------------------------------------------------------------
     def _promote_command(self, request: dict[str, Any]) -> dict[str, Any]:

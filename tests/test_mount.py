@@ -268,6 +268,22 @@ def test_full_store_answers_enospc_and_recovers(primaries):
     run_cli("fsck", "--data", str(node.data))
 
 
+def test_deleted_files_give_their_room_back_without_a_checkpoint(primaries):
+    # The journal holds a copy of every write; unless it is pruned as it grows, a small
+    # store fills with the history of files long deleted (and checkpoints are 10 min apart).
+    node = primaries.start("cycles", "--max-size", "64M")
+    mnt = node.mountpoint
+    data = os.urandom(20 << 20)  # nearly a third of the store, journaled again on each pass
+    for cycle in range(6):
+        (mnt / "big").write_bytes(data)
+        assert os.stat(mnt / "big").st_size == len(data), f"cycle {cycle}"
+        os.unlink(mnt / "big")
+    st = os.statvfs(mnt)
+    assert st.f_bavail * st.f_frsize > 32 << 20  # df: the room is back
+    assert node.stop() == 0
+    run_cli("fsck", "--data", str(node.data))
+
+
 def test_sigterm_and_external_unmount_exit_cleanly(primaries):
     node = primaries.start("a")
     (node.mountpoint / "f").write_text("x")

@@ -106,21 +106,31 @@ def test_senders_are_checked_for_cluster_and_epoch() -> None:
 
 
 # --- retention ---------------------------------------------------------------------------
-def test_prune_point_respects_checkpoint_standbys_and_bound() -> None:
-    policy = RetentionPolicy(retain_records=2000, retain_bytes=1 << 30)
-    kw = {"first_seq": 1, "last_seq": 5000, "checkpoint_seq": 4000, "journal_bytes": 5000 * 100}
-    assert prune_point(policy, standby_acks={}, **kw) == (4001, [])
-    assert prune_point(policy, standby_acks={"a": 4500, "b": 4200}, **kw) == (4001, [])
+def test_prune_point_keeps_what_standbys_need_a_tail_and_no_more_than_the_bound() -> None:
+    policy = RetentionPolicy(retain_records=2000, retain_bytes=1 << 30, tail_records=100, tail_bytes=1 << 30)
+    kw = {"first_seq": 1, "last_seq": 5000, "journal_bytes": 5000 * 100}
+    # No standby: only the tail is kept, whatever the checkpoints.
+    assert prune_point(policy, standby_acks={}, **kw) == (4901, [])
+    # Standbys hold what they still need (the record after their acknowledgement).
+    assert prune_point(policy, standby_acks={"a": 4950, "b": 4999}, **kw) == (4901, [])
     assert prune_point(policy, standby_acks={"a": 3500, "b": 4100}, **kw) == (3501, [])
     # A standby that needs more than the bound allows no longer holds the journal.
-    assert prune_point(policy, standby_acks={"dead": 10, "live": 4300}, **kw) == (4001, ["dead"])
-    # The byte bound: 100 bytes a record, 50 000 bytes kept -> 500 records.
-    by_bytes = RetentionPolicy(retain_records=10**9, retain_bytes=50_000)
-    assert prune_point(by_bytes, standby_acks={"a": 4400}, **kw) == (4001, ["a"])
-    assert prune_point(by_bytes, standby_acks={"a": 4600}, **kw) == (4001, [])
-    # Never past the checkpoint, never below what is already gone.
-    assert prune_point(policy, standby_acks={}, first_seq=4500, last_seq=5000, checkpoint_seq=4000,
+    assert prune_point(policy, standby_acks={"dead": 10, "live": 4300}, **kw) == (4301, ["dead"])
+    # The byte bounds: 100 bytes a record, 50 000 bytes kept -> 500 records; 2 000 -> 20.
+    by_bytes = RetentionPolicy(retain_records=10**9, retain_bytes=50_000,
+                               tail_records=10**9, tail_bytes=2_000)
+    assert prune_point(by_bytes, standby_acks={"a": 4400}, **kw) == (4981, ["a"])
+    assert prune_point(by_bytes, standby_acks={"a": 4600}, **kw) == (4601, [])
+    # Never below what is already gone; an empty journal prunes nothing.
+    assert prune_point(policy, standby_acks={"a": 4400}, first_seq=4500, last_seq=5000,
                        journal_bytes=0) == (4500, [])
+    assert prune_point(policy, standby_acks={}, first_seq=5001, last_seq=5000, journal_bytes=0) == (5001, [])
+
+
+def test_retention_bounds_shrink_to_fit_a_small_store() -> None:
+    policy = RetentionPolicy().within(64 << 20)
+    assert policy.retain_bytes == 16 << 20 and policy.tail_bytes == 4 << 20
+    assert RetentionPolicy().within(1 << 40) == RetentionPolicy()
 
 
 # --- the store swap under readers ---------------------------------------------------------
