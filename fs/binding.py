@@ -4,8 +4,9 @@ Both speak the fusepy API. `TANDEMFS_FUSE=fusepy` selects the libfuse2 binding; 
 README's benchmark section says why libfuse3 is the default. The `FUSE` subclass here
 fixes two places where the bindings lose information the filesystem needs: rename flags
 (RENAME_NOREPLACE / RENAME_EXCHANGE, libfuse3 only) and the UTIME_NOW / UTIME_OMIT
-markers of utimensat, whose tv_sec libfuse leaves uninitialised; and it spares create
-a signature inspection per call.
+markers of utimensat, whose tv_sec libfuse leaves uninitialised. It also spares create
+a signature inspection per call, and lets read fill libfuse's buffer itself (one copy,
+made without the GIL) instead of returning bytes for the binding to copy.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def _times(buf: object) -> tuple[int | str, int | str] | None:
 
 
 class FUSE(_binding.FUSE):
+    def __init__(self, operations: object, *args: object, **kwargs: object) -> None:
+        self._read_into = getattr(operations, "read_into", None)
+        super().__init__(operations, *args, **kwargs)  # mounts and, in the foreground, serves
+
+    def read(self, path: bytes | None, buf: object, size: int, offset: int, fip: object) -> int:
+        # The bindings copy the answer of Operations.read into `buf`; read_into fills it.
+        if self._read_into is None:
+            return super().read(path, buf, size, offset, fip)
+        return self._read_into(
+            None if path is None else path.decode(self.encoding, getattr(self, "errors", "strict")),
+            ctypes.cast(buf, ctypes.c_void_p).value, size, offset, fip.contents.fh)  # type: ignore[attr-defined]
+
     if NAME == "mfusepy":
 
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:

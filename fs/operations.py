@@ -246,6 +246,12 @@ class TandemFS(Operations):
             return st.read(fh or st.resolve(os.fsencode(path)), offset, size)
 
     @fuse_errors
+    def read_into(self, path: str | None, buf: int, size: int, offset: int, fh: int) -> int:
+        """read, for the binding: copies into libfuse's buffer at address `buf`."""
+        with self.store.reader(buffers=True) as st:
+            return st.read_into(fh or st.resolve(os.fsencode(path or "")), offset, size, buf)
+
+    @fuse_errors
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         ino = fh or self._resolve(path)
         self.store.commit(ops.Write(ino=ino, offset=offset, time_ns=time.time_ns(), data=data))

@@ -6,6 +6,7 @@ write transaction); the small set of writes is used by `apply` alone.
 
 from __future__ import annotations
 
+import ctypes
 import stat
 from collections.abc import Iterator
 
@@ -25,6 +26,36 @@ from .schema import (
     u64,
     xattr_key,
 )
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer: how a read-only memoryview gives up its address."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
+def _copy_out(dest: int, value: memoryview, start: int, length: int) -> None:
+    """Copy value[start:start + length] to address `dest`; the caller keeps the bounds.
+
+    ctypes.memmove runs without the GIL, so when `value` lies in LMDB's map and its pages
+    are not in memory yet, the disk wait of this page fault does not stop other threads.
+    """
+    view = _PyBuffer()
+    _get_buffer(value, ctypes.byref(view), 0)
+    try:
+        assert 0 <= start and start + length <= view.len
+        ctypes.memmove(dest, view.buf + start, length)
+    finally:
+        _release_buffer(ctypes.byref(view))
 
 
 def check_name(name: bytes) -> None:
@@ -134,6 +165,42 @@ class FsState:
         data = b"".join(parts)
         skip = offset - first * BLOCK_SIZE
         return data[skip:skip + end - offset]
+
+    def read_into(self, ino: int, offset: int, size: int, dest: int, file_size: int | None = None) -> int:
+        """Copy up to `size` bytes at `offset` to the memory at address `dest` (which holds
+        `size` bytes at least); returns how many, short only at the end of the file.
+
+        The frontend's read path: the bytes go from the map straight into libfuse's reply
+        buffer, once, with the GIL released (see `_copy_out`). The transaction must have
+        been begun with buffers=True, so that values are views of the map, not copies.
+        """
+        if file_size is None:
+            file_size = self.inode(ino).size
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return 0
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        cursor = self.txn.cursor(db=self.db.blocks)
+        pos = offset  # the file offset filled up to
+        prefix = u64(ino)
+        if cursor.set_range(block_key(ino, first)):
+            for key, value in cursor:
+                if key[:8] != prefix:
+                    break
+                block_no = from_u64(key[8:])
+                if block_no > last:
+                    break
+                block_start = block_no * BLOCK_SIZE
+                lo, hi = max(block_start, pos), min(block_start + len(value), end)
+                if hi <= lo:
+                    continue
+                if lo > pos:  # a hole before this block
+                    ctypes.memset(dest + pos - offset, 0, lo - pos)
+                _copy_out(dest + lo - offset, value, lo - block_start, hi - lo)
+                pos = hi
+        if pos < end:
+            ctypes.memset(dest + pos - offset, 0, end - pos)
+        return end - offset
 
     def blocks(self, ino: int) -> Iterator[tuple[int, bytes]]:
         prefix = u64(ino)

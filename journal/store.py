@@ -162,16 +162,17 @@ class _Shared:
 class _Reader:
     """`with store.reader() as state`: a read transaction under the shared lock."""
 
-    __slots__ = ("_store", "_txn")
+    __slots__ = ("_store", "_txn", "_buffers")
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, buffers: bool = False) -> None:
         self._store = store
+        self._buffers = buffers
 
     def __enter__(self) -> FsState:
         store = self._store
         store._env_lock.acquire_shared()
         try:
-            self._txn = store.env.begin()
+            self._txn = store.env.begin(buffers=self._buffers)
         except BaseException:
             store._env_lock.release_shared()
             raise
@@ -417,8 +418,10 @@ class Store:
         return raw.decode() if raw else "primary"
 
     # --- reading --------------------------------------------------------------------
-    def reader(self) -> contextlib.AbstractContextManager[FsState]:
-        return _Reader(self)
+    def reader(self, buffers: bool = False) -> contextlib.AbstractContextManager[FsState]:
+        """A read transaction; with `buffers`, values are views of the map, valid only
+        inside it (for FsState.read_into)."""
+        return _Reader(self, buffers)
 
     def shared(self) -> contextlib.AbstractContextManager[None]:
         """Hold the environment in place (no snapshot swap) while using `env` directly."""
@@ -724,22 +727,39 @@ class Store:
         return seq
 
     def prune(self, below: int, batch: int = 4096) -> int:
-        """Delete journal records with seq < below, in short transactions; returns how many."""
+        """Delete journal records with seq < below, in short transactions; returns how many.
+
+        Deleting needs pages too (copies of the tree's pages, the free list), so in a full
+        store a batch can fail: then an empty commit frees what earlier ones released, and
+        the batch is retried smaller. StoreFull only if not even one record can go.
+        """
         removed = 0
         while True:
-            with self._write_lock, self.env.begin(write=True) as txn:
-                cursor = txn.cursor(db=self.db.journal)
-                n = 0
-                if cursor.first():
-                    while n < batch and from_u64(cursor.key()) < below:
-                        if not cursor.delete():
-                            break
-                        n += 1
-                        if not cursor.key():
-                            break
+            try:
+                n = self._prune_batch(below, batch)
+            except lmdb.MapFullError as exc:
+                with self._write_lock:
+                    self._advance()
+                if batch == 1:
+                    raise StoreFull(f"store is full ({self.max_size} bytes), even to prune") from exc
+                batch = max(1, batch // 8)
+                continue
             removed += n
             if n < batch:
                 return removed
+
+    def _prune_batch(self, below: int, batch: int) -> int:
+        with self._write_lock, self.env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self.db.journal)
+            n = 0
+            if cursor.first():
+                while n < batch and from_u64(cursor.key()) < below:
+                    if not cursor.delete():
+                        break
+                    n += 1
+                    if not cursor.key():
+                        break
+        return n
 
     def make_read_only(self, reason: str) -> None:
         """Refuse every later write with EROFS (a standby, or a primary that was fenced)."""

@@ -6,6 +6,7 @@ consistency checker when the test ends, so each test is also a test of the invar
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import stat
 import tempfile
@@ -129,7 +130,16 @@ class Fs:
         with self.store.reader() as state:
             if size is None:
                 size = state.inode(ino).size - offset
-            return state.read(ino, offset, size)
+            data = state.read(ino, offset, size)
+        # The frontend's read copies from the map into a buffer: it must say the same, and
+        # write nothing past what it answers.
+        canary = bytearray(b"\xa5" * (size + 64))
+        address = ctypes.addressof((ctypes.c_char * len(canary)).from_buffer(canary))
+        with self.store.reader(buffers=True) as state:
+            n = state.read_into(ino, offset, size, address)
+        assert n == len(data) and canary[:n] == data
+        assert canary[n:] == b"\xa5" * (len(canary) - n)
+        return data
 
     def blocks(self, ino: int) -> dict[int, bytes]:
         with self.store.reader() as state:
