@@ -72,6 +72,10 @@ META_UPSTREAM = b"upstream"
 #: higher one, or another primary claimed the same one). A primary restarted on this store
 #: stays read-only while this is >= its epoch; promotion (a new, higher epoch) clears it.
 META_FENCED = b"fenced"
+#: Node-local, written by a primary: JSON {"epoch", "standbys": {name: seq}}: the standbys it
+#: holds the journal for and what each has made durable, so that a primary restarted in
+#: the same epoch keeps holding it for a standby that is away at the time.
+META_STANDBYS = b"standbys"
 
 _U64 = struct.Struct(">Q")
 _U64_PAIR = struct.Struct(">QQ")

@@ -275,6 +275,8 @@ class Node:
         store = self.store
         assert store is not None
         with self._retain_lock:
+            if self.replication is not None:
+                self.replication.persist_known()
             acks = self.replication.standby_positions() if self.replication else {}
             first = store.first_seq()
             below, given_up = prune_point(self.config.retention.within(store.max_size), first_seq=first,

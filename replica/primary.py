@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import json
 import logging
 import os
 import queue
@@ -46,10 +47,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+import lmdb
 import zmq
 
 from journal.checkpoints import Checkpoint, Checkpoints
-from journal.errors import FsError
+from journal.errors import FsError, StoreError
+from journal.schema import META_STANDBYS
 from journal.store import Store
 
 from . import protocol as p
@@ -128,6 +131,26 @@ def _name_of(identity: bytes) -> str:
     return identity.split(b"#", 1)[0].decode(errors="replace") or identity.hex()
 
 
+def _load_known_standbys(store: Store) -> dict[str, int]:
+    """The standbys a primary of this store's epoch recorded (persist_known); {} if another
+    epoch's (this node has followed or been promoted since) or unreadable."""
+    raw = store.get_meta(META_STANDBYS)
+    if not raw:
+        return {}
+    try:
+        saved = json.loads(raw)
+        if saved["epoch"] != store.epoch:
+            return {}
+        known = {str(name): int(seq) for name, seq in saved["standbys"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("ignoring an unreadable list of known standbys in the store")
+        return {}
+    if known:
+        log.info("holding the journal for standbys known before the restart: %s",
+                 ", ".join(f"{name} (seq {seq})" for name, seq in sorted(known.items())))
+    return known
+
+
 class PrimaryReplication:
     """Serves the stream and the side channel of one primary store."""
 
@@ -160,7 +183,10 @@ class PrimaryReplication:
         # Shared between the side channel (writer) and fsync waiters / status (readers).
         self._cond = threading.Condition()
         self._peers: dict[bytes, Peer] = {}
-        self._names: dict[str, int] = {}  # name -> newest received seq, for retention
+        #: name -> the newest seq each standby holds (durably, once it acks), for retention;
+        #: kept in the store's meta, so that a restart does not forget a standby that is away.
+        self._names: dict[str, int] = {} if taking_over else _load_known_standbys(store)
+        self._persisted = dict(self._names)
         self.degraded = False
         self.degraded_since: float | None = None
         self.waiting = 0
@@ -240,6 +266,7 @@ class PrimaryReplication:
             thread.join(timeout=5)
         if self._on_commit in self.store.listeners:
             self.store.listeners.remove(self._on_commit)
+        self.persist_known()  # the newest positions, for the next start
         for fd, _size, _used in self._snap_files.values():
             os.close(fd)
         self._snap_files.clear()
@@ -599,6 +626,21 @@ class PrimaryReplication:
         hello, holds in its store), for retention."""
         with self._cond:
             return dict(self._names)
+
+    def persist_known(self) -> None:
+        """Record the known standbys' positions in the store, if they changed (called by
+        the maintenance thread, about once a second)."""
+        with self._cond:
+            names = dict(self._names)
+        if names == self._persisted:
+            return
+        value = json.dumps({"epoch": self.store.epoch, "standbys": names}, sort_keys=True)
+        try:
+            self.store.set_meta(META_STANDBYS, value.encode())
+        except (StoreError, lmdb.Error) as exc:  # a full store: next time
+            log.debug("could not record the known standbys: %s", exc)
+            return
+        self._persisted = names
 
     def forget(self, names: list[str]) -> None:
         """Stop holding the journal for these standbys (they fell past the retention bound)."""

@@ -450,6 +450,7 @@ class Follower:
                         break
                 log.info("stopped following at seq %d (primary announced %d)", self.store.last_seq
                          if self.store else 0, self.known_last)
+            self._farewell(dealer)
         except FollowerFatal as exc:
             self._fatal(str(exc), State.FAILED)
         except Exception as exc:
@@ -461,6 +462,18 @@ class Follower:
             watch.close()
             sub.close()
             dealer.close()
+
+    def _farewell(self, dealer: zmq.Socket) -> None:
+        """On a clean stop: flush, and tell the primary what this store now holds, so that
+        it keeps the journal from there for when this standby comes back (a lazy flush
+        would otherwise leave it holding, or given up on, an older position)."""
+        store = self.store
+        if store is None or self.state not in (State.FOLLOWING, State.CATCHING_UP):
+            return
+        store.sync()
+        self.synced = store.last_seq
+        self._send(p.MsgType.ACK, (store.last_seq, self.synced))
+        dealer.setsockopt(zmq.LINGER, 500)  # give the last word half a second to leave
 
     def _reconnect(self, sub: zmq.Socket, dealer: zmq.Socket) -> None:
         """Connect both sockets afresh (libzmq gave up after a refused handshake)."""

@@ -144,6 +144,31 @@ def test_standby_started_after_pruning_bootstraps_from_snapshot(cluster: Cluster
                on_fail=lambda: diff_trees(primary.mount, standby.mount)[:2000])
 
 
+def test_restarted_primary_keeps_the_journal_for_a_standby_that_is_away(cluster: Cluster) -> None:
+    primary = cluster.primary("p", "--tail-records", "0")  # only known standbys hold the journal
+    standby = cluster.standby(primary, mount=False)
+    write_files(primary.mount / "before", "f", 10)
+    cluster.verify(primary, standby)
+    held = standby.status()["applied_seq"]
+    assert standby.stop() == 0
+    # Its last word on a clean stop: flushed up to here, keep the journal from the next one.
+    primary.wait_status(lambda s: s["replication"]["known_standbys"].get("s") == held, 10,
+                        "the stopped standby's final position")
+    assert primary.stop() == 0
+    primary.start()
+    primary.wait_ready()
+    write_files(primary.mount / "while-away", "f", 50)
+    assert cli("checkpoint", "--data", str(primary.data)).returncode == 0  # prunes all it may
+    status = primary.status()
+    assert status["replication"]["known_standbys"] == {"s": held}
+    assert status["journal"]["first_seq"] == held + 1  # pruned up to what the standby needs, no further
+    standby.start()
+    standby.wait_ready()
+    cluster.verify(primary, standby)
+    s = standby.status()["standby"]
+    assert s["snapshots"] == 0 and s["fetched_records"] >= 50  # caught up from the journal
+
+
 def test_interrupted_snapshot_resumes(cluster: Cluster) -> None:
     # Tiny chunks, one in flight: the transfer is slow enough to kill it in the middle.
     primary = cluster.primary("p", "--tail-records", "0", env={"TANDEMFS_SNAPSHOT_CHUNK": "16384"})
