@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 POSIX_ACL_PREFIX = "system.posix_acl_"
 
-#: Called after a local fsync with the seq that must be replicated before fsync returns.
-FsyncHook = Callable[[int], None]
+#: Makes an fsync durable: called with the seq that must be durable before fsync returns
+#: and the local flush, which it must call; a replicating node ships the records to its
+#: standbys first, so that their flush overlaps the local one.
+FsyncHook = Callable[[int, Callable[[], None]], None]
 
 
 def _split(path: str) -> tuple[bytes, bytes]:
@@ -284,9 +286,10 @@ class TandemFS(Operations):
     def _durable(self) -> None:
         """Everything committed so far is on disk (and, if replicated, acknowledged)."""
         seq = self.store.last_seq
-        self.store.sync()
-        if self.fsync_hook is not None:
-            self.fsync_hook(seq)
+        if self.fsync_hook is None:
+            self.store.sync()
+        else:
+            self.fsync_hook(seq, self.store.sync)
 
     @fuse_errors
     def statfs(self, path: str) -> dict[str, int]:

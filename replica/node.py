@@ -476,14 +476,18 @@ class Node:
             except Exception:
                 log.exception("auto-promotion failed")
 
-    def fsync_hook(self, seq: int) -> None:
-        """TandemFS's fsync hook on either role: wait as the current durability mode asks.
+    def fsync_hook(self, seq: int, flush_local: Callable[[], None]) -> None:
+        """TandemFS's fsync hook on either role: flush, and wait as the durability mode asks.
 
         Indirect on purpose: a standby promoted in place keeps its mount, and its fsyncs
         start waiting for standbys the moment it starts replicating."""
         replication = self.replication
-        if replication is not None:
-            replication.wait_replicated(seq)
+        if replication is None:
+            flush_local()
+            return
+        replication.publish_now()  # the standbys' flush overlaps ours
+        flush_local()
+        replication.wait_replicated(seq)
 
     # --- status -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
