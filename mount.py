@@ -375,42 +375,45 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _digest_of(data: str, timeout: float) -> tuple[str, int]:
-    """(digest, seq) of the store in `data`: through its node if one runs, else offline."""
-    from journal.check import digest
+def _digest_of(data: str, timeout: float):
+    """The StateDigest of the store in `data`: through its node if one runs, else offline."""
+    from journal.check import StateDigest, digest
     from journal.store import Store
     from replica.control import NodeNotRunning, request
 
     try:
         reply = request(data, "digest", timeout=timeout)
-        return reply["digest"], reply["seq"]
+        return StateDigest(reply["digest"], reply["seq"], reply["epoch"])
     except NodeNotRunning:
         with Store(data, readonly=True) as store:
             return digest(store)
 
 
-def _seq_of(data: str, timeout: float) -> int:
+def _position_of(data: str, timeout: float) -> tuple[int, int]:
+    """(last seq, the epoch of that record) of the store in `data`; (-1, 0) if it has none yet."""
+    from journal.schema import epoch_at
     from journal.store import Store
     from replica.control import NodeNotRunning, request
 
     try:
-        return request(data, "status", timeout=timeout)["last_seq"]
+        status = request(data, "status", timeout=timeout)
+        return status["last_seq"], epoch_at(status["epoch_history"], status["last_seq"])
     except NodeNotRunning:
         with Store(data, readonly=True) as store:
-            return store.last_seq
+            return store.last_seq, epoch_at(store.epoch_history, store.last_seq)
     except KeyError:
-        return -1  # a standby still bootstrapping has no store yet
+        return -1, 0  # a standby still bootstrapping has no store yet
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
     from replica.control import ControlError
 
     try:
-        value, seq = _digest_of(args.data, args.timeout)
+        value, seq, epoch = _digest_of(args.data, args.timeout)
     except ControlError as exc:
         log.error("%s", exc)
         return 1
-    print(f"{value} seq={seq}")
+    print(f"{value} seq={seq} epoch={epoch}")
     return 0
 
 
@@ -425,22 +428,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     a, b = args.data
     deadline = time.monotonic() + args.deadline
-    seqs: tuple[int, int] = (-1, -1)
+    # Equal seqs mean the same history only in the same epoch: an old primary rejoining
+    # may sit at the new primary's seq with records of its own until it is rebuilt.
+    positions: tuple[tuple[int, int], tuple[int, int]] = ((-1, 0), (-1, 0))
     while True:
         try:
-            seqs = (_seq_of(a, args.timeout), _seq_of(b, args.timeout))
-            if seqs[0] == seqs[1] and seqs[0] >= 0:
-                (da, sa), (db, sb) = _digest_of(a, args.timeout), _digest_of(b, args.timeout)
-                if sa == sb:
-                    if da == db:
-                        print(f"match seq={sa} digest={da}")
+            positions = (_position_of(a, args.timeout), _position_of(b, args.timeout))
+            if positions[0] == positions[1] and positions[0][0] >= 0:
+                da, db = _digest_of(a, args.timeout), _digest_of(b, args.timeout)
+                if (da.seq, da.epoch) == (db.seq, db.epoch):
+                    if da.value == db.value:
+                        print(f"match seq={da.seq} epoch={da.epoch} digest={da.value}")
                         return 0
-                    print(f"MISMATCH at seq={sa}: {a} {da} != {b} {db}")
+                    print(f"MISMATCH at seq={da.seq} epoch={da.epoch}: {a} {da.value} != {b} {db.value}")
                     return 1
         except (ControlError, StoreError) as exc:
             log.warning("%s", exc)  # e.g. a standby still bootstrapping: wait
         if time.monotonic() >= deadline:
-            print(f"TIMEOUT: {a} at seq {seqs[0]}, {b} at seq {seqs[1]} after {args.deadline}s")
+            print(f"TIMEOUT: {a} at seq {positions[0][0]} (epoch {positions[0][1]}), {b} at seq "
+                  f"{positions[1][0]} (epoch {positions[1][1]}) after {args.deadline}s")
             return 2
         time.sleep(0.2)
 

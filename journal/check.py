@@ -23,6 +23,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import lmdb
 
@@ -42,7 +43,9 @@ from .schema import (
     STATE_DBS,
     Databases,
     Inode,
+    epoch_at,
     from_u64,
+    unpack_epoch_history,
 )
 from .store import Store
 
@@ -332,8 +335,17 @@ def _check_journal(txn: Txn, db: Databases, cluster_id: bytes | None, problems: 
         problems.append(f"journal: last record is seq {prev_seq} but meta last_seq is {last_seq}")
 
 
-def digest(store: Store) -> tuple[str, int]:
-    """(SHA-256 hex digest of the filesystem state, last_seq), read in one transaction.
+class StateDigest(NamedTuple):
+    value: str
+    seq: int
+    #: The epoch of the record at `seq`: two stores at the same seq hold the same history
+    #: only if it is also of the same epoch (an old primary's divergent records are not).
+    epoch: int
+
+
+def digest(store: Store) -> StateDigest:
+    """The SHA-256 hex digest of the filesystem state, with the seq and epoch it is at,
+    read in one transaction.
 
     Covers the cluster id and every database of schema.STATE_DBS in cursor order; not
     the journal, nor meta that is local to a node (epoch, role, sizes, seqs). Each
@@ -345,6 +357,7 @@ def digest(store: Store) -> tuple[str, int]:
         handles = dict(store.db.state())
         cluster_id = bytes(txn.get(META_CLUSTER_ID, db=store.db.meta) or b"")
         last_seq = from_u64(txn.get(META_LAST_SEQ, db=store.db.meta) or bytes(8))
+        epoch = epoch_at(unpack_epoch_history(txn.get(META_EPOCH_HISTORY, db=store.db.meta)), last_seq)
         h.update(_U64.pack(len(cluster_id)))
         h.update(cluster_id)
         for name in STATE_DBS:
@@ -357,7 +370,7 @@ def digest(store: Store) -> tuple[str, int]:
                 h.update(key)
                 h.update(_U64.pack(len(value)))
                 h.update(value)
-    return h.hexdigest(), last_seq
+    return StateDigest(h.hexdigest(), last_seq, epoch)
 
 
 def replay(source: Store, dest_path: str | os.PathLike, batch: int = REPLAY_BATCH) -> Store:

@@ -8,6 +8,7 @@ in numeric order (a directory's entries, a file's blocks, the journal's records)
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lmdb
@@ -109,6 +110,17 @@ def unpack_epoch_history(raw: bytes | None) -> list[tuple[int, int]]:
     if not raw:
         return []
     return [_U64_PAIR.unpack_from(raw, i) for i in range(0, len(raw), _U64_PAIR.size)]
+
+
+def epoch_at(history: Sequence[tuple[int, int]], seq: int) -> int:
+    """The epoch that wrote `seq` according to an epoch history of (epoch, first seq)
+    pairs (0: before the history begins)."""
+    epoch = 0
+    for e, first in history:
+        if first > seq:
+            break
+        epoch = e
+    return epoch
 
 
 _INODE = struct.Struct(">IIIIQQqqqQQ")

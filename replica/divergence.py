@@ -41,7 +41,7 @@ import lmdb
 from journal import ops
 from journal.errors import CorruptRecord
 from journal.records import decode_record
-from journal.schema import ROOT_INO, Databases, Inode, from_u64, u64
+from journal.schema import ROOT_INO, Databases, Inode, epoch_at, from_u64, u64
 from journal.store import Store, fsync_path
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,6 @@ STATE = "state"
 SUMMARY = "summary.json"
 
 History = Sequence[tuple[int, int]]
-
-
-def epoch_at(history: History, seq: int) -> int:
-    """The epoch that wrote `seq` according to `history` (0: before the history begins)."""
-    epoch = 0
-    for e, first in history:
-        if first > seq:
-            break
-        epoch = e
-    return epoch
 
 
 def divergence_point(local: History, local_last: int, primary: History, primary_last: int) -> int | None:

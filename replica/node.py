@@ -229,8 +229,8 @@ class Node:
 
         store = self._require_store()
         with store.shared():
-            value, seq = digest(store)
-        return {"digest": value, "seq": seq}
+            found = digest(store)
+        return {"digest": found.value, "seq": found.seq, "epoch": found.epoch}
 
     def _require_store(self) -> Store:
         if self.store is None:
@@ -485,7 +485,7 @@ class Node:
         if replication is None:
             flush_local()
             return
-        replication.publish_now()  # the standbys' flush overlaps ours
+        replication.publish_now(seq)  # the standbys' flush overlaps ours
         flush_local()
         replication.wait_replicated(seq)
 

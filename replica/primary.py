@@ -184,6 +184,9 @@ class PrimaryReplication:
         self._stop = threading.Event()
         #: Set by a waiting fsync: publish now, do not let commits gather.
         self._publish_now = threading.Event()
+        #: The newest seq a durable fsync waits for, and the newest FLUSH sent.
+        self._flush_seq = 0
+        self._flush_sent = 0
         self._queue: queue.SimpleQueue[list[tuple[int, bytes]] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         # Shared between the side channel (writer) and fsync waiters / status (readers).
@@ -328,6 +331,12 @@ class PrimaryReplication:
                         self._stop.set()
                         break
                     pending.extend(more)
+                flush = self._flush_seq
+                if flush > self._flush_sent and (not pending or flush < pending[0][0]):
+                    # Its records went out before the fsync came: ask on its own.
+                    self._flush_sent = flush
+                    pub.send_multipart(p.encode(p.MsgType.FLUSH, self.store.cluster_id, self.store.epoch,
+                                                (flush,)))
                 if pending:
                     self._publish(pub, pending)
                 if time.monotonic() >= next_beat:
@@ -353,7 +362,12 @@ class PrimaryReplication:
                     end = start + i
                     batch = records[start:end]
                     break
-            frames = p.encode(p.MsgType.RECORDS, self.store.cluster_id, epoch, (first_seq, len(batch)),
+            flags = 0
+            flush = self._flush_seq
+            if self._flush_sent < flush <= batch[-1][0]:
+                flags = p.RECORDS_FLUSH  # the common case: the fsync's own records, still here
+                self._flush_sent = flush
+            frames = p.encode(p.MsgType.RECORDS, self.store.cluster_id, epoch, (first_seq, len(batch), flags),
                               [raw for _seq, raw in batch])
             pub.send_multipart(frames, copy=size < 65536)
             self.stream_messages += 1
@@ -523,7 +537,7 @@ class PrimaryReplication:
                     break
         peer.fetches += 1
         peer.fetched_records += len(raws)
-        reply(p.MsgType.RECORDS, (start, len(raws)), raws)
+        reply(p.MsgType.RECORDS, (start, len(raws), 0), raws)
 
     def _snap_open(self, wanted: int, reply: Callable) -> None:
         if wanted:
@@ -575,10 +589,18 @@ class PrimaryReplication:
         now = time.monotonic()
         return any(self._acked(peer) >= seq for peer in self._peers.values() if peer.connected(now))
 
-    def publish_now(self) -> None:
-        """Send what has been committed without letting it gather: an fsync waits for it."""
-        if self.durability is not Durability.ASYNC:
-            self._publish_now.set()
+    def publish_now(self, seq: int, again: bool = False) -> None:
+        """An fsync waits for `seq`: send what has been committed without letting it
+        gather, and in durable mode ask the standbys to flush through `seq` (FLUSH; `again`:
+        even if asked before, in case that message was lost)."""
+        if self.durability is Durability.ASYNC:
+            return
+        if self.durability is Durability.DURABLE and (seq > self._flush_seq or again):
+            self._flush_seq = max(self._flush_seq, seq)
+            if again:
+                self._flush_sent = 0
+            self._queue.put([])  # wakes the publisher even if nothing is left to publish
+        self._publish_now.set()
 
     def wait_replicated(self, seq: int) -> None:
         """The fsync hook: return once `seq` is replicated as the durability mode asks.
@@ -617,7 +639,8 @@ class PrimaryReplication:
                                       "%.1fs; fsync keeps blocking (--on-standby-loss block)", seq,
                                       self.durability.value, self.sync_timeout)
                         remaining = 1.0
-                    self._cond.wait(min(remaining, 0.25))
+                    if not self._cond.wait(min(remaining, 0.25)):
+                        self.publish_now(seq, again=True)
             finally:
                 self.waiting -= 1
                 if not self.waiting:

@@ -14,7 +14,7 @@ message:
     frame 2+ payload frames, per type (below); their number is checked
 
 Sockets and directions
-    PUB  (primary, --listen PORT)       -> SUB (standby):     RECORDS, HEARTBEAT
+    PUB  (primary, --listen PORT)       -> SUB (standby):     RECORDS, HEARTBEAT, FLUSH
     DEALER (standby) -> ROUTER (primary, PORT+1 or --control): HELLO, FETCH, SNAP_OPEN,
                                                                 SNAP_GET, ACK
     ROUTER (primary) -> DEALER (standby):                      WELCOME, REFUSE, RECORDS,
@@ -25,10 +25,15 @@ Acknowledgements never ride on PUB/SUB. RECORDS means the same on both paths: th
 stream, or the answer to a FETCH.
 
 Types, bodies and payloads
-    RECORDS      first_seq u64, count u32        + count frames, each one journal record
+    RECORDS      first_seq u64, count u32, flags u8 (RECORDS_FLUSH: a durable fsync waits on
+                 the last of these: flush once they are applied, and ACK at once)
+                                                 + count frames, each one journal record
                                                    (journal/records.py), seqs first_seq..
     HEARTBEAT    last_seq u64 (last published), time_ns u64, first_seq u64 (oldest
                  retained), flags u8 (ACK_* : which acks the primary's fsyncs wait for)
+    FLUSH        seq u64 (>= 1): RECORDS_FLUSH for records published before the fsync
+                 came: flush once seq is applied. Without either, a standby flushes lazily
+                 (about once a second).
     HELLO        applied_seq u64                 + 1 frame: node name, UTF-8, 1..64 bytes
     WELCOME      last_seq u64, first_seq u64, flags u8
                                                  + 1 frame: the primary's epoch history, 1..4096
@@ -53,7 +58,7 @@ to a fixed number of SNAP_GET requests in flight and sends the next one as each 
 arrives, so the primary never queues more than the standby asked for.
 
 Epochs. The epoch in a message is the highest the sender knows. Messages that speak
-for a primary (RECORDS, HEARTBEAT, WELCOME, NOT_RETAINED, SNAP_*) from a lower epoch than
+for a primary (RECORDS, HEARTBEAT, FLUSH, WELCOME, NOT_RETAINED, SNAP_*) from a lower epoch than
 the receiver knows come from a deposed primary and are dropped as stale. A standby's
 messages may carry a lower epoch (it has not yet received the new epoch's records; an
 old primary rejoining as a standby says HELLO from the epoch it was deposed in): they
@@ -120,6 +125,7 @@ MAX_FRAME = MAX_BATCH_BYTES + 4096
 
 ACK_RECEIVED = 0x01
 ACK_DURABLE = 0x02
+RECORDS_FLUSH = 0x01
 
 REFUSE_CLUSTER = 1  # the standby's store belongs to another cluster
 REFUSE_NOT_PRIMARY = 2  # the node asked is not (or no longer) a primary
@@ -134,6 +140,7 @@ _PAIR = struct.Struct(">QQ")
 class MsgType(enum.IntEnum):
     RECORDS = 1
     HEARTBEAT = 2
+    FLUSH = 3
     HELLO = 10
     WELCOME = 11
     REFUSE = 12
@@ -152,6 +159,7 @@ class MsgType(enum.IntEnum):
 class Records(NamedTuple):
     first_seq: int
     count: int
+    flags: int
 
 
 class Heartbeat(NamedTuple):
@@ -178,6 +186,10 @@ class Refuse(NamedTuple):
 class Fetch(NamedTuple):
     start: int
     stop: int
+
+
+class Flush(NamedTuple):
+    seq: int
 
 
 class NotRetained(NamedTuple):
@@ -234,8 +246,9 @@ class _Spec(NamedTuple):
 
 
 BODIES: dict[MsgType, _Spec] = {
-    MsgType.RECORDS: _Spec(struct.Struct(">QI"), Records, None),
+    MsgType.RECORDS: _Spec(struct.Struct(">QIB"), Records, None),
     MsgType.HEARTBEAT: _Spec(struct.Struct(">QQQB"), Heartbeat, 0),
+    MsgType.FLUSH: _Spec(struct.Struct(">Q"), Flush, 0),
     MsgType.HELLO: _Spec(struct.Struct(">Q"), Hello, 1),
     MsgType.WELCOME: _Spec(struct.Struct(">QQB"), Welcome, 1),
     MsgType.REFUSE: _Spec(struct.Struct(">B"), Refuse, 1),
@@ -252,7 +265,7 @@ BODIES: dict[MsgType, _Spec] = {
 }
 
 #: What each socket may receive.
-STREAM_TYPES = frozenset({MsgType.RECORDS, MsgType.HEARTBEAT})
+STREAM_TYPES = frozenset({MsgType.RECORDS, MsgType.HEARTBEAT, MsgType.FLUSH})
 TO_PRIMARY = frozenset({MsgType.HELLO, MsgType.FETCH, MsgType.SNAP_OPEN, MsgType.SNAP_GET, MsgType.ACK})
 TO_STANDBY = frozenset({
     MsgType.WELCOME, MsgType.REFUSE, MsgType.RECORDS, MsgType.NOT_RETAINED, MsgType.SNAP_INFO,
@@ -349,7 +362,9 @@ def _text(raw: bytes, limit: int, what: str, allow_empty: bool = False) -> str:
 
 
 def _records(message: Message) -> None:
-    first_seq, count = message.body
+    first_seq, count, flags = message.body
+    if flags & ~RECORDS_FLUSH:
+        raise BadMessage("malformed", f"RECORDS with flags {flags:#x}")
     if len(message.payload) != count:
         raise BadMessage("malformed", f"RECORDS says {count} records, carries {len(message.payload)}")
     if count > MAX_BATCH_RECORDS:
@@ -376,6 +391,11 @@ def _heartbeat(message: Message) -> None:
     last_seq, _time_ns, first_seq, _flags = message.body
     if first_seq > last_seq + 1 or first_seq < 1:
         raise BadMessage("malformed", f"HEARTBEAT retains from {first_seq} but ends at {last_seq}")
+
+
+def _flush(message: Message) -> None:
+    if message.body.seq < 1:
+        raise BadMessage("malformed", "FLUSH of seq 0")
 
 
 def _hello(message: Message) -> None:
@@ -463,6 +483,7 @@ def _none(message: Message) -> None:
 _VALIDATORS = {
     MsgType.RECORDS: _records,
     MsgType.HEARTBEAT: _heartbeat,
+    MsgType.FLUSH: _flush,
     MsgType.HELLO: _hello,
     MsgType.WELCOME: _welcome,
     MsgType.REFUSE: _refuse,

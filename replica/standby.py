@@ -65,7 +65,7 @@ import zmq
 
 from journal.checkpoints import Checkpoints
 from journal.errors import CorruptRecord, SequenceGap, StaleEpoch, StoreError, StoreFull, WrongCluster
-from journal.schema import META_FENCED, META_ROLE, META_UPSTREAM
+from journal.schema import META_FENCED, META_ROLE, META_UPSTREAM, epoch_at
 from journal.store import Store, inspect_environment, is_store
 
 from . import protocol as p
@@ -78,7 +78,7 @@ from .common import (
     env_int,
     make_socket,
 )
-from .divergence import Divergence, divergence_point, epoch_at, export
+from .divergence import Divergence, divergence_point, export
 from .security import Curve, HandshakeWatch
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,8 @@ class Follower:
         self.heartbeat_time_ns = 0
         self.behind_since: float | None = None
         self.synced = store.last_seq if store else 0
+        #: The newest seq the primary asked to have on disk (FLUSH): a durable fsync waits.
+        self.flush_wanted = 0
         self._last_sync = time.monotonic()
         self._lazy_sync_running = False
         self._sent_ack = (-1, -1)
@@ -584,7 +586,11 @@ class Follower:
             self._heard(msg.epoch, hb.last_seq)
             self.primary_first = hb.first_seq
             self.ack_flags = hb.flags
+        elif msg.type is p.MsgType.FLUSH:
+            self.flush_wanted = max(self.flush_wanted, msg.body.seq)
         else:
+            if msg.body.flags & p.RECORDS_FLUSH:
+                self.flush_wanted = max(self.flush_wanted, msg.body.first_seq + msg.body.count - 1)
             self.stats["stream_records"] += len(msg.payload)
             self._heard(msg.epoch, msg.body.first_seq + msg.body.count - 1)
             self._receive(msg.body.first_seq, msg.payload)
@@ -834,8 +840,8 @@ class Follower:
             return
         received = store.last_seq
         if received > self.synced:
-            if self.ack_flags & p.ACK_DURABLE:
-                store.sync()  # the primary's fsyncs wait for exactly this
+            if self.synced < self.flush_wanted <= received:
+                store.sync()  # a durable fsync on the primary waits for exactly this
                 self.synced = received
                 self._last_sync = now
             elif now - self._last_sync >= LAZY_SYNC and not self._lazy_sync_running:

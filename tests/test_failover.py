@@ -262,7 +262,7 @@ def test_rejoin_exports_divergent_records(cluster: Cluster) -> None:
     assert seqs == list(range(begin, old_last + 1))
     # The state before the rebuild is kept whole, and it is the old primary's.
     kept = cli("digest", "--data", str(export / "state"))
-    assert kept.returncode == 0 and kept.stdout.endswith(f"seq={old_last}\n"), kept
+    assert kept.returncode == 0 and kept.stdout.endswith(f"seq={old_last} epoch=1\n"), kept
     # The rejoined node now shows the new primary's filesystem.
     wait_until(lambda: (rejoined.mount / "conflict").read_bytes() == b"new primary's version", 10,
                "the new primary's version on the rejoined mount")

@@ -45,8 +45,9 @@ def records(first: int, count: int, cluster_id: bytes = CLUSTER, epoch: int = 1)
 
 # --- the codec ---------------------------------------------------------------------------
 BODY_VALUES = {
-    p.MsgType.RECORDS: ((2, 2), records(2, 2)),
+    p.MsgType.RECORDS: ((2, 2, p.RECORDS_FLUSH), records(2, 2)),
     p.MsgType.HEARTBEAT: ((9, 123, 3, p.ACK_DURABLE), []),
+    p.MsgType.FLUSH: ((9,), []),
     p.MsgType.HELLO: ((5,), [b"node"]),
     p.MsgType.WELCOME: ((9, 1, 0), [p.encode_history([(1, 1), (3, 5)])]),
     p.MsgType.REFUSE: ((p.REFUSE_CLUSTER,), [b"why"]),
@@ -84,6 +85,15 @@ def test_every_message_round_trips(type_: p.MsgType) -> None:
                 p.decode(broken, allowed)
 
 
+def test_flush_requests_are_checked() -> None:
+    with pytest.raises(p.BadMessage):  # a flush of nothing
+        p.decode(p.encode(p.MsgType.FLUSH, CLUSTER, 1, (0,)), p.STREAM_TYPES)
+    with pytest.raises(p.BadMessage):  # a RECORDS flag nobody defined
+        p.decode(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (2, 2, 0x80), records(2, 2)), p.STREAM_TYPES)
+    with pytest.raises(p.BadMessage):  # the stream's, never the side channel's
+        p.decode(p.encode(p.MsgType.FLUSH, CLUSTER, 1, (5,)), p.TO_STANDBY)
+
+
 def test_senders_are_checked_for_cluster_and_epoch() -> None:
     msg = p.decode(p.encode(p.MsgType.HEARTBEAT, CLUSTER, 2, (1, 0, 1, 0)), p.STREAM_TYPES)
     p.check_sender(msg, CLUSTER, 2)
@@ -98,11 +108,11 @@ def test_senders_are_checked_for_cluster_and_epoch() -> None:
     p.check_sender(ack, CLUSTER, 3)
     # Records in a batch must agree with the envelope.
     with pytest.raises(p.BadMessage):
-        p.decode(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (2, 2), records(2, 2, OTHER)), p.STREAM_TYPES)
+        p.decode(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (2, 2, 0), records(2, 2, OTHER)), p.STREAM_TYPES)
     with pytest.raises(p.BadMessage):
-        p.decode(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (3, 2), records(2, 2)), p.STREAM_TYPES)
+        p.decode(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (3, 2, 0), records(2, 2)), p.STREAM_TYPES)
     with pytest.raises(p.BadMessage):
-        p.decode(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (2, 2), records(2, 2, epoch=2)), p.STREAM_TYPES)
+        p.decode(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (2, 2, 0), records(2, 2, epoch=2)), p.STREAM_TYPES)
 
 
 # --- retention ---------------------------------------------------------------------------
@@ -226,11 +236,11 @@ def test_standby_drops_well_formed_forgeries(tmp_path: Path) -> None:
     assert store is not None and store.epoch == 2
     before = digest(store)
     # Another cluster, a stale epoch, and a record whose checksum is wrong.
-    follower.handle_stream(p.encode(p.MsgType.RECORDS, OTHER, 2, (2, 1), records(2, 1, OTHER, 2)))
-    follower.handle_stream(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (2, 1), records(2, 1, CLUSTER, 1)))
+    follower.handle_stream(p.encode(p.MsgType.RECORDS, OTHER, 2, (2, 1, 0), records(2, 1, OTHER, 2)))
+    follower.handle_stream(p.encode(p.MsgType.RECORDS, CLUSTER, 1, (2, 1, 0), records(2, 1, CLUSTER, 1)))
     bad = bytearray(records(2, 1, CLUSTER, 2)[0])
     bad[-1] ^= 0xFF
-    follower.handle_stream(p.encode(p.MsgType.RECORDS, CLUSTER, 2, (2, 1), [bytes(bad)]))
+    follower.handle_stream(p.encode(p.MsgType.RECORDS, CLUSTER, 2, (2, 1, 0), [bytes(bad)]))
     follower.handle_side(p.encode(p.MsgType.SNAP_CHUNK, CLUSTER, 2, (5, 0, zlib.crc32(b"x")), [b"x"]))
     follower.handle_stream(p.encode(p.MsgType.HEARTBEAT, CLUSTER, 1, (10**6, 0, 1, 0)))
     assert digest(store) == before
@@ -238,7 +248,7 @@ def test_standby_drops_well_formed_forgeries(tmp_path: Path) -> None:
     assert counts["cluster"] == 1 and counts["stale_epoch"] == 2 and counts["record"] == 1
     assert counts["unexpected"] == 1
     # The genuine record still applies afterwards.
-    follower.handle_stream(p.encode(p.MsgType.RECORDS, CLUSTER, 2, (2, 1), records(2, 1, CLUSTER, 2)))
+    follower.handle_stream(p.encode(p.MsgType.RECORDS, CLUSTER, 2, (2, 1, 0), records(2, 1, CLUSTER, 2)))
     assert store.last_seq == 2
     store.close()
 
@@ -325,7 +335,26 @@ def test_status_and_verify_without_running_nodes(tmp_path: Path) -> None:
     result = cli("verify", "--data", str(tmp_path / "a"), "--data", str(tmp_path / "a"), "--deadline", "5")
     assert result.returncode == 0 and result.stdout.startswith("match"), result
     digest_line = cli("digest", "--data", str(tmp_path / "a")).stdout
-    assert digest_line.endswith("seq=1\n")
+    assert digest_line.endswith("seq=1 epoch=1\n")
+
+
+def test_verify_does_not_compare_one_seq_of_two_epochs(tmp_path: Path) -> None:
+    # An old primary with records the new one never got, at the new primary's seq: the
+    # same number, another history. verify waits (here: until its deadline), never
+    # compares them, and so never reports a mismatch that is only a moment in a rejoin.
+    old = Store.create(tmp_path / "old", time_ns=1)
+    new = Store.create(tmp_path / "new", cluster_id=old.cluster_id, init=False)
+    new.apply_records([raw for _seq, raw in old.records(1)])
+    old.commit(ops.MakeNode(parent=1, ino=old.allocate_ino(), mode=0o100644, rdev=0, uid=0, gid=0,
+                            time_ns=2, name=b"divergent"))
+    new.begin_epoch(2)
+    assert old.last_seq == new.last_seq == 2
+    old.close()
+    new.close()
+    result = cli("verify", "--data", str(tmp_path / "old"), "--data", str(tmp_path / "new"),
+                 "--deadline", "1")
+    assert result.returncode == 2 and result.stdout.startswith("TIMEOUT"), result
+    assert "(epoch 1)" in result.stdout and "(epoch 2)" in result.stdout
 
 
 # --- the primary's side channel, driven in-process ------------------------------------------
