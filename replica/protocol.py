@@ -106,7 +106,10 @@ from journal.records import MAGIC as RECORD_MAGIC
 MAGIC = b"TR"
 #: Where a journal record's header holds its cluster id (journal/records.py: bytes 20..36).
 _RECORD_CLUSTER = slice(HEADER_SIZE - 20, HEADER_SIZE - 4)
-VERSION = 1
+#: 2: RECORDS carries a flags byte (RECORDS_FLUSH), FLUSH is new, and WELCOME carries the
+#: primary's epoch history. A node of another version drops every message as "version"
+#: (counted in status), so nodes of both versions never half-understand each other.
+VERSION = 2
 CLUSTER_ID_SIZE = 16
 NO_CLUSTER = bytes(CLUSTER_ID_SIZE)
 _ENVELOPE = struct.Struct(">2sBB16sQ")

@@ -85,6 +85,16 @@ def test_every_message_round_trips(type_: p.MsgType) -> None:
                 p.decode(broken, allowed)
 
 
+def test_another_protocol_version_is_dropped_as_such() -> None:
+    frames = p.encode(p.MsgType.HEARTBEAT, CLUSTER, 1, (1, 0, 1, 0))
+    for version in (p.VERSION - 1, p.VERSION + 1):
+        envelope = bytearray(frames[0])
+        envelope[2] = version
+        with pytest.raises(p.BadMessage) as exc:
+            p.decode([bytes(envelope), *frames[1:]], p.STREAM_TYPES)
+        assert exc.value.kind == "version"
+
+
 def test_flush_requests_are_checked() -> None:
     with pytest.raises(p.BadMessage):  # a flush of nothing
         p.decode(p.encode(p.MsgType.FLUSH, CLUSTER, 1, (0,)), p.STREAM_TYPES)
