@@ -93,6 +93,9 @@ PENDING_BYTES = 256 << 20
 APPLY_BATCH = 4096
 #: Sync at least this often when the primary does not wait for durable acks.
 LAZY_SYNC = 1.0
+#: A stopping standby says where it stopped only to a primary heard from this recently
+#: (seconds): to a dead one the message would hold the stop for its whole linger.
+FAREWELL_WITHIN = 1.0
 DEFAULT_CREDIT = 8
 INCOMING = "incoming"
 #: What the node heard from its primary is written to meta at most this often (seconds).
@@ -452,7 +455,8 @@ class Follower:
                         break
                 log.info("stopped following at seq %d (primary announced %d)", self.store.last_seq
                          if self.store else 0, self.known_last)
-            self._farewell(dealer)
+            elif self.last_heard is not None and time.monotonic() - self.last_heard < FAREWELL_WITHIN:
+                self._farewell(dealer)  # a clean stop, with a primary to tell
         except FollowerFatal as exc:
             self._fatal(str(exc), State.FAILED)
         except Exception as exc:
