@@ -169,6 +169,23 @@ def test_restarted_primary_keeps_the_journal_for_a_standby_that_is_away(cluster:
     assert s["snapshots"] == 0 and s["fetched_records"] >= 50  # caught up from the journal
 
 
+def test_small_stores_stay_usable_on_both_nodes_as_files_come_and_go(cluster: Cluster) -> None:
+    # Each pass journals a third of the store again, on the primary and on the standby:
+    # both must prune what the other no longer needs instead of filling up (a full
+    # standby stops following).
+    primary = cluster.primary("p", "--max-size", "64M")
+    standby = cluster.standby(primary, "s", "--max-size", "64M", mount=False)
+    data = os.urandom(20 << 20)
+    for _ in range(6):
+        (primary.mount / "big").write_bytes(data)
+        cluster.verify(primary, standby)
+        (primary.mount / "big").unlink()
+    cluster.verify(primary, standby)
+    status = standby.status()
+    assert status["standby"]["state"] == "following" and status["fatal"] is None, status
+    assert status["journal"]["bytes"] < 32 << 20
+
+
 def test_interrupted_snapshot_resumes(cluster: Cluster) -> None:
     # Tiny chunks, one in flight: the transfer is slow enough to kill it in the middle.
     primary = cluster.primary("p", "--tail-records", "0", env={"TANDEMFS_SNAPSHOT_CHUNK": "16384"})
