@@ -138,69 +138,56 @@ class FsState:
 
     # --- data -----------------------------------------------------------------------
     def read(self, ino: int, offset: int, size: int, file_size: int | None = None) -> bytes:
+        """Up to `size` bytes at `offset` (short only at the end of the file)."""
         if file_size is None:
             file_size = self.inode(ino).size
-        end = min(offset + size, file_size)
-        if offset >= end:
+        length = max(0, min(offset + size, file_size) - offset)
+        if not length:
             return b""
-        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        cursor = self.txn.cursor(db=self.db.blocks)
-        parts: list[bytes] = []
-        pos = first * BLOCK_SIZE  # file offset that `parts` reaches
-        prefix = u64(ino)
-        if cursor.set_range(block_key(ino, first)):
-            for key, value in cursor:
-                if key[:8] != prefix:
-                    break
-                block_no = from_u64(key[8:])
-                if block_no > last:
-                    break
-                block_start = block_no * BLOCK_SIZE
-                if block_start > pos:
-                    parts.append(bytes(block_start - pos))
-                parts.append(value)
-                pos = block_start + len(value)
-        if pos < end:
-            parts.append(bytes(end - pos))
-        data = b"".join(parts)
-        skip = offset - first * BLOCK_SIZE
-        return data[skip:skip + end - offset]
+        buf = bytearray(length)
+        self.read_into(ino, offset, length, ctypes.addressof((ctypes.c_char * length).from_buffer(buf)),
+                       file_size)
+        return bytes(buf)
 
     def read_into(self, ino: int, offset: int, size: int, dest: int, file_size: int | None = None) -> int:
         """Copy up to `size` bytes at `offset` to the memory at address `dest` (which holds
         `size` bytes at least); returns how many, short only at the end of the file.
 
         The frontend's read path: the bytes go from the map straight into libfuse's reply
-        buffer, once, with the GIL released (see `_copy_out`). The transaction must have
-        been begun with buffers=True, so that values are views of the map, not copies.
+        buffer, once, with the GIL released (see `_copy_out`), when the transaction was
+        begun with buffers=True, so that values are views of the map, not copies.
         """
         if file_size is None:
             file_size = self.inode(ino).size
         end = min(offset + size, file_size)
         if offset >= end:
             return 0
-        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        cursor = self.txn.cursor(db=self.db.blocks)
         pos = offset  # the file offset filled up to
-        prefix = u64(ino)
-        if cursor.set_range(block_key(ino, first)):
-            for key, value in cursor:
-                if key[:8] != prefix:
-                    break
-                block_no = from_u64(key[8:])
-                if block_no > last:
-                    break
-                block_start = block_no * BLOCK_SIZE
-                lo, hi = max(block_start, pos), min(block_start + len(value), end)
-                if hi <= lo:
-                    continue
-                if lo > pos:  # a hole before this block
-                    ctypes.memset(dest + pos - offset, 0, lo - pos)
-                _copy_out(dest + lo - offset, value, lo - block_start, hi - lo)
-                pos = hi
+        for block_start, value in self._blocks_between(ino, offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE):
+            lo, hi = max(block_start, pos), min(block_start + len(value), end)
+            if hi <= lo:
+                continue
+            if lo > pos:  # a hole before this block
+                ctypes.memset(dest + pos - offset, 0, lo - pos)
+            _copy_out(dest + lo - offset, value, lo - block_start, hi - lo)
+            pos = hi
         if pos < end:
             ctypes.memset(dest + pos - offset, 0, end - pos)
         return end - offset
+
+    def _blocks_between(self, ino: int, first: int, last: int) -> Iterator[tuple[int, bytes]]:
+        """(file offset, value) of the stored blocks first..last of `ino`, in order."""
+        cursor = self.txn.cursor(db=self.db.blocks)
+        prefix = u64(ino)
+        if not cursor.set_range(block_key(ino, first)):
+            return
+        for key, value in cursor:
+            if key[:8] != prefix:
+                return
+            block_no = from_u64(key[8:])
+            if block_no > last:
+                return
+            yield block_no * BLOCK_SIZE, value
 
     def blocks(self, ino: int) -> Iterator[tuple[int, bytes]]:
         prefix = u64(ino)
