@@ -281,6 +281,10 @@ def _print_status(status: dict) -> None:
                      f"received {peer['received_seq']}, durable {peer['durable_seq']}, "
                      f"lag {peer['lag_records']} records / "
                      f"{peer['lag_seconds']}s, seen {peer['last_seen_seconds']}s ago")
+            known = replication.get("known_standbys") or {}
+            if known:  # including standbys away now (e.g. since this primary restarted)
+                line("journal kept for", ", ".join(f"{name} (from seq {seq + 1})"
+                                                   for name, seq in sorted(known.items())))
             if replication.get("peer_watch"):
                 watch = replication["peer_watch"]
                 line("fencing peers", f"{', '.join(watch['addresses'])} ({watch['answers']} answers)")

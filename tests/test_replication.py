@@ -161,6 +161,7 @@ def test_restarted_primary_keeps_the_journal_for_a_standby_that_is_away(cluster:
     assert cli("checkpoint", "--data", str(primary.data)).returncode == 0  # prunes all it may
     status = primary.status()
     assert status["replication"]["known_standbys"] == {"s": held}
+    assert f"s (from seq {held + 1})" in cli("status", "--data", str(primary.data)).stdout
     assert status["journal"]["first_seq"] == held + 1  # pruned up to what the standby needs, no further
     standby.start()
     standby.wait_ready()
