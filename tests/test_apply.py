@@ -671,8 +671,9 @@ def test_failed_op_leaves_no_trace(fs: Fs) -> None:
     assert fs.store.last_seq == seq + 1
 
 
-def test_full_store(make_store) -> None:
-    store = make_store(max_size=1 << 20)
+@pytest.mark.parametrize("group_commit", [False, True], ids=["per-op", "group"])
+def test_full_store(make_store, group_commit: bool) -> None:
+    store = make_store(max_size=1 << 20, group_commit=group_commit)
     fs = Fs(store)
     big = fs.create(ROOT_INO, b"big")
     seq = store.last_seq
