@@ -366,6 +366,21 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from replica.control import ControlError, NodeNotRunning, request
+
+    try:
+        reply = request(args.data, "forget", timeout=args.timeout, standby=args.standby)
+    except (NodeNotRunning, ControlError) as exc:
+        log.error("%s", exc)
+        return 1
+    if not reply.get("forgotten"):
+        log.error("%s", reply.get("refused") or f"no standby {args.standby!r} is known")
+        return 1
+    print(f"forgot standby {args.standby}: the journal is no longer kept for it")
+    return 0
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
     from journal.check import fsck
     from journal.store import Store
@@ -642,6 +657,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
     p.set_defaults(func=cmd_checkpoint)
+
+    p = verbs.add_parser("forget", help="stop keeping the journal for a standby that is gone",
+                         description="Tell the primary running on DIR to stop keeping its journal for "
+                         "the standby NAME (as `status` lists it under 'journal kept for'), e.g. one "
+                         "taken out of service. If that standby comes back, it says hello again and is "
+                         "known again; if the journal it needs is gone by then, it bootstraps from a "
+                         "snapshot.")
+    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--standby", required=True, metavar="NAME")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_forget)
 
     p = verbs.add_parser("fsck", help="check a store's invariants (not mounted)",
                          description="Check every invariant of a store; exits 1 on any violation.")

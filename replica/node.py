@@ -205,6 +205,7 @@ class Node:
         self._control = ControlServer(self.config.data, {
             "status": lambda request: self.status(),
             "checkpoint": lambda request: self._checkpoint_command(),
+            "forget": self._forget_command,
             "digest": lambda request: self._digest(),
             "promote": self._promote_command,
         })
@@ -223,6 +224,17 @@ class Node:
         checkpoint, pruned = self.request_checkpoint().result(timeout=3600)
         return {"seq": checkpoint.seq, "path": str(checkpoint.path), "size": checkpoint.size(),
                 "pruned": pruned}
+
+    def _forget_command(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("standby")
+        if not isinstance(name, str) or not name:
+            return {"forgotten": False, "refused": "bad request: no standby name"}
+        if self.replication is None:
+            return {"forgotten": False, "refused": "this node is not a replicating primary"}
+        forgotten = self.replication.forget([name], why="the operator asked")
+        if forgotten:
+            self.replication.persist_known()
+        return {"forgotten": bool(forgotten)}
 
     def _digest(self) -> dict[str, Any]:
         from journal.check import digest

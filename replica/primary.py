@@ -681,13 +681,16 @@ class PrimaryReplication:
             return
         self._persisted = names
 
-    def forget(self, names: list[str]) -> None:
-        """Stop holding the journal for these standbys (they fell past the retention bound)."""
+    def forget(self, names: list[str],
+               why: str = "it fell behind the retention bound; it will need a snapshot") -> list[str]:
+        """Stop holding the journal for these standbys; returns those that were known."""
+        forgotten = []
         with self._cond:
             for name in names:
                 if self._names.pop(name, None) is not None:
-                    log.warning("standby %s fell behind the retention bound; it will need a snapshot",
-                                name)
+                    forgotten.append(name)
+                    log.warning("no longer keeping the journal for standby %s: %s", name, why)
+        return forgotten
 
     def _lag_seconds(self, acked: int, now: float) -> float:
         if acked >= self.published_seq:

@@ -170,6 +170,29 @@ def test_restarted_primary_keeps_the_journal_for_a_standby_that_is_away(cluster:
     assert s["snapshots"] == 0 and s["fetched_records"] >= 50  # caught up from the journal
 
 
+def test_forgetting_a_standby_that_is_gone_lets_the_journal_go(cluster: Cluster) -> None:
+    primary = cluster.primary("p", "--tail-records", "0")
+    standby = cluster.standby(primary, mount=False)
+    write_files(primary.mount / "a", "f", 10)
+    cluster.verify(primary, standby)
+    assert standby.stop() == 0
+    write_files(primary.mount / "b", "f", 10)
+    assert cli("checkpoint", "--data", str(primary.data)).returncode == 0
+    assert primary.status()["journal"]["records"] > 10  # kept for the standby that is away
+    refused = cli("forget", "--data", str(primary.data), "--standby", "nobody")
+    assert refused.returncode == 1 and "no standby 'nobody' is known" in refused.stderr
+    result = cli("forget", "--data", str(primary.data), "--standby", "s")
+    assert result.returncode == 0, result.stderr
+    assert cli("checkpoint", "--data", str(primary.data)).returncode == 0
+    status = primary.status()
+    assert status["replication"]["known_standbys"] == {} and status["journal"]["records"] == 0
+    # If it does come back, it is known again and rebuilt from a snapshot.
+    standby.start()
+    standby.wait_ready()
+    cluster.verify(primary, standby)
+    assert standby.status()["standby"]["snapshots"] == 1
+
+
 def test_small_stores_stay_usable_on_both_nodes_as_files_come_and_go(cluster: Cluster) -> None:
     # Each pass journals a third of the store again, on the primary and on the standby:
     # both must prune what the other no longer needs instead of filling up (a full
