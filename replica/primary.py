@@ -603,7 +603,8 @@ class PrimaryReplication:
         self._publish_now.set()
 
     def wait_replicated(self, seq: int) -> None:
-        """The fsync hook: return once `seq` is replicated as the durability mode asks.
+        """The fsync hook: return once `seq` is replicated as the durability mode asks (the
+        hook has called publish_now(seq) before its local flush).
 
         Raises ReplicationAborted if the node stops while the fsync waits (block mode)."""
         if self.durability is Durability.ASYNC:
@@ -612,7 +613,6 @@ class PrimaryReplication:
             self.fsync_waits += 1
             if self.degraded or self._satisfied(seq):
                 return
-            self._publish_now.set()
             deadline = time.monotonic() + self.sync_timeout
             self.waiting += 1
             warned = aborted = False
