@@ -479,11 +479,15 @@ class Store:
         if self.read_only_reason:
             raise ReadOnly(self.read_only_reason)
         parts = split_write(op)
+        return self._with_room(lambda: self._submit(parts))
+
+    def _with_room(self, attempt: Callable[[], int]) -> int:
+        """`attempt()`, once more after `make_room` if the store was full."""
         try:
-            return self._submit(parts)
+            return attempt()
         except StoreFull:
             self.make_room()
-            return self._submit(parts)
+            return attempt()
 
     def _submit(self, parts: list[ops.Op]) -> int:
         if self._queue is not None:
@@ -628,11 +632,7 @@ class Store:
         records before it (a deposed primary's); records before the bad one are committed.
         A full store makes room (`make_room`) and tries once more before raising StoreFull.
         """
-        try:
-            return self._apply_records(raws)
-        except StoreFull:
-            self.make_room()
-            return self._apply_records(raws)
+        return self._with_room(lambda: self._apply_records(raws))
 
     def _apply_records(self, raws: list[bytes]) -> int:
         with self._write_lock:
