@@ -5,8 +5,9 @@ README's benchmark section says why libfuse3 is the default. The `FUSE` subclass
 fixes two places where the bindings lose information the filesystem needs: rename flags
 (RENAME_NOREPLACE / RENAME_EXCHANGE, libfuse3 only) and the UTIME_NOW / UTIME_OMIT
 markers of utimensat, whose tv_sec libfuse leaves uninitialised. It also spares create
-a signature inspection per call, and lets read fill libfuse's buffer itself (one copy,
-made without the GIL) instead of returning bytes for the binding to copy.
+a signature inspection per call, lets read fill libfuse's buffer itself (one copy,
+made without the GIL) instead of returning bytes for the binding to copy, and keeps the
+libfuse handle that `invalidate_path` needs outside a FUSE worker thread.
 """
 
 from __future__ import annotations
@@ -52,10 +53,42 @@ def _times(buf: object) -> tuple[int | str, int | str] | None:
     return _timespec(buf.contents.actime), _timespec(buf.contents.modtime)  # type: ignore[attr-defined]
 
 
+#: Whether the kernel's cached attributes of a path can be dropped (libfuse3's
+#: fuse_invalidate_path; libfuse2's fuse_invalidate does nothing).
+CAN_INVALIDATE = LIBFUSE_MAJOR >= 3 and hasattr(getattr(_binding, "_libfuse", None), "fuse_invalidate_path")
+
+#: The struct fuse of the running mount, taken in init (one mount per process).
+_fuse_handle: int | None = None
+
+
+def invalidate_path(path: str) -> None:
+    """Drop what the kernel caches of `path`'s node (attributes and pages); callable from
+    any thread. A path the kernel holds no node for is nothing to drop."""
+    if not CAN_INVALIDATE or _fuse_handle is None:
+        return
+    lib = _binding._libfuse
+    if lib.fuse_invalidate_path.argtypes is None:
+        lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.fuse_invalidate_path.restype = ctypes.c_int
+    lib.fuse_invalidate_path(ctypes.c_void_p(_fuse_handle), os.fsencode(path))
+
+
 class FUSE(_binding.FUSE):
     def __init__(self, operations: object, *args: object, **kwargs: object) -> None:
         self._read_into = getattr(operations, "read_into", None)
         super().__init__(operations, *args, **kwargs)  # mounts and, in the foreground, serves
+
+    if CAN_INVALIDATE:
+
+        def init_fuse_3(self, conn: object, config: object) -> None:
+            global _fuse_handle
+            _fuse_handle = _binding._libfuse.fuse_get_context().contents.fuse
+            super().init_fuse_3(conn, config)
+
+        def destroy(self, private_data: object) -> None:
+            global _fuse_handle
+            _fuse_handle = None  # libfuse frees it once the loop ends
+            return super().destroy(private_data)
 
     def read(self, path: bytes | None, buf: object, size: int, offset: int, fip: object) -> int:
         # The bindings copy the answer of Operations.read into `buf`; read_into fills it.

@@ -14,17 +14,20 @@ import subprocess
 import threading
 import time
 
-from .binding import FUSE, LIBFUSE_MAJOR, NAME
+from .aliases import LinkAliases
+from .binding import CAN_INVALIDATE, FUSE, LIBFUSE_MAJOR, NAME, invalidate_path
 from .operations import TandemFS
 
 log = logging.getLogger(__name__)
 
-#: Attribute and entry cache lifetimes (seconds). The high-level API gives each path its
-#: own kernel node, so attributes cached for one hard link would stay stale after a change
-#: through another (`ln a b; stat -c %h a` would say 1): attributes are not cached.
-#: Entries are: a name only changes through this mount on a primary, and on a following
-#: standby a stale name lasts at most a second.
-ATTR_TIMEOUT = 0.0
+#: Attribute and entry cache lifetimes (seconds). A name or an attribute only changes
+#: through this mount on a primary, and the kernel keeps the node it changed up to date;
+#: on a following standby they are at most a second old, as its mount promises. The
+#: path-based API gives each name of a hard-linked file a node of its own, whose cached
+#: attributes a change through another name would leave stale: fs/aliases.py invalidates
+#: them, with libfuse3's fuse_invalidate_path. libfuse2 has no such call, so on libfuse2
+#: attributes are not cached (`ln a b; chmod 600 b; stat a` must show 600).
+ATTR_TIMEOUT = 1.0 if CAN_INVALIDATE else 0.0
 ENTRY_TIMEOUT = 1.0
 
 
@@ -78,6 +81,8 @@ def serve(operations: TandemFS, mountpoint: str, read_only: bool = False) -> Non
     threading.Thread(target=set_read_ahead, args=(mountpoint,), name="read-ahead", daemon=True).start()
     log.info("mounting %s on %s (binding %s, libfuse%d%s)", operations.store.path, mountpoint, NAME,
              LIBFUSE_MAJOR, ", read-only" if read_only else "")
+    if ATTR_TIMEOUT:
+        operations.aliases = LinkAliases(invalidate_path)
     try:
         FUSE(operations, mountpoint, **mount_options(read_only, f"tandemfs:{operations.store.path}"))
     except RuntimeError as exc:
@@ -85,6 +90,10 @@ def serve(operations: TandemFS, mountpoint: str, read_only: bool = False) -> Non
         if os.path.ismount(mountpoint):
             raise
         log.debug("FUSE loop ended with %s", exc)
+    finally:
+        if operations.aliases is not None:
+            operations.aliases.close()
+            operations.aliases = None
     log.info("unmounted %s", mountpoint)
 
 

@@ -21,6 +21,7 @@ from journal.schema import BLOCK_SIZE, NAME_MAX, ROOT_INO, Inode
 from journal.state import FsState
 from journal.store import Store
 
+from .aliases import LinkAliases
 from .binding import UTIME_NOW, UTIME_OMIT, FuseOSError, Operations, fuse_get_context
 from .errors import fuse_errors
 
@@ -48,6 +49,9 @@ class TandemFS(Operations):
     def __init__(self, store: Store, fsync_hook: FsyncHook | None = None) -> None:
         self.store = store
         self.fsync_hook = fsync_hook
+        #: Set by a mount that lets the kernel cache attributes: the names of multi-linked
+        #: files to invalidate after a change made through another name.
+        self.aliases: LinkAliases | None = None
 
     # --- helpers --------------------------------------------------------------------
     def _resolve(self, path: str) -> int:
@@ -92,12 +96,34 @@ class TandemFS(Operations):
                                   time_ns=time.time_ns(), name=name))
         return ino
 
+    def _ino_if_aliased(self, path: str) -> int | None:
+        """The inode at `path` when hard-link aliases are recorded (None when none is: then
+        no other name can be stale, and the lookup is spared)."""
+        if not self.aliases:
+            return None
+        try:
+            return self._resolve(path)
+        except NotFound:
+            return None
+
+    def _changed(self, ino: int | None, via: str | None = None) -> None:
+        if self.aliases is not None and ino in self.aliases:
+            self.aliases.changed(ino, via)
+
     # --- attributes and names -------------------------------------------------------
     @fuse_errors
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        with self.store.reader() as st:
-            ino = fh if fh else st.resolve(os.fsencode(path))
-            return self._attrs(ino, st.inode(ino))
+        while True:
+            seq = self.store.last_seq
+            with self.store.reader() as st:
+                ino = fh if fh else st.resolve(os.fsencode(path))
+                node = st.inode(ino)
+            if (self.aliases is not None and node.nlink > 1 and path and not stat.S_ISDIR(node.mode)
+                    and self.aliases.seen(ino, path) and self.store.last_seq != seq):
+                # Recorded just now, after a change may have invalidated the other names:
+                # answer from a state that includes that change.
+                continue
+            return self._attrs(ino, node)
 
     @fuse_errors
     def access(self, path: str, amode: int) -> int:
@@ -173,13 +199,20 @@ class TandemFS(Operations):
             ino = st.resolve(os.fsencode(source))
             parent, name, *_owner = self._new_entry(st, target)
         self.store.commit(ops.Link(ino=ino, parent=parent, time_ns=time.time_ns(), name=name))
+        if self.aliases is not None:
+            # The source's node may hold attributes cached while it had one link.
+            self.aliases.changed(ino, via=target, also=[source])
         return 0
 
     @fuse_errors
     def unlink(self, path: str) -> int:
         parent_path, name = _split(path)
         parent = self._resolve(os.fsdecode(parent_path))
+        ino = self._ino_if_aliased(path)
         self.store.commit(ops.Unlink(parent=parent, time_ns=time.time_ns(), name=name))
+        if self.aliases is not None:
+            self.aliases.removed(path)
+            self._changed(ino)
         return 0
 
     @fuse_errors
@@ -196,8 +229,14 @@ class TandemFS(Operations):
         with self.store.reader() as st:
             old_parent = st.resolve(old_parent_path)
             new_parent = st.resolve(new_parent_path)
+        moved, replaced = self._ino_if_aliased(old), self._ino_if_aliased(new)
         self.store.commit(ops.Rename(old_parent=old_parent, new_parent=new_parent, flags=flags,
                                 time_ns=time.time_ns(), old_name=old_name, new_name=new_name))
+        if self.aliases is not None:
+            exchange = bool(flags & ops.RENAME_EXCHANGE)
+            self.aliases.renamed(old, new, exchange=exchange)
+            self._changed(moved, via=new)  # its ctime
+            self._changed(replaced, via=old if exchange else None)  # its ctime, or a link less
         return 0
 
     @fuse_errors
@@ -205,6 +244,7 @@ class TandemFS(Operations):
         ino = self._resolve(path)
         self.store.commit(ops.SetAttr(ino=ino, fields=ops.SET_MODE, mode=mode, uid=0, gid=0,
                                  atime_ns=0, mtime_ns=0, time_ns=time.time_ns()))
+        self._changed(ino, path)
         return 0
 
     @fuse_errors
@@ -214,6 +254,7 @@ class TandemFS(Operations):
         if fields:
             self.store.commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=max(uid, 0), gid=max(gid, 0),
                                      atime_ns=0, mtime_ns=0, time_ns=time.time_ns()))
+            self._changed(ino, path)
         return 0
 
     @fuse_errors
@@ -232,6 +273,7 @@ class TandemFS(Operations):
         if fields:
             self.store.commit(ops.SetAttr(ino=ino, fields=fields, mode=0, uid=0, gid=0, time_ns=now,
                                           **values))
+            self._changed(ino, path)
         return 0
 
     # --- file data ------------------------------------------------------------------
@@ -257,12 +299,14 @@ class TandemFS(Operations):
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         ino = fh or self._resolve(path)
         self.store.commit(ops.Write(ino=ino, offset=offset, time_ns=time.time_ns(), data=data))
+        self._changed(ino, path)
         return len(data)
 
     @fuse_errors
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         ino = fh or self._resolve(path)
         self.store.commit(ops.Truncate(ino=ino, size=length, time_ns=time.time_ns()))
+        self._changed(ino, path)
         return 0
 
     @fuse_errors
@@ -325,12 +369,14 @@ class TandemFS(Operations):
         ino = self._resolve(path)
         self.store.commit(ops.SetXattr(ino=ino, flags=options, time_ns=time.time_ns(),
                                   name=os.fsencode(name), value=value))
+        self._changed(ino, path)
         return 0
 
     @fuse_errors
     def removexattr(self, path: str, name: str) -> int:
         ino = self._resolve(path)
         self.store.commit(ops.RemoveXattr(ino=ino, time_ns=time.time_ns(), name=os.fsencode(name)))
+        self._changed(ino, path)
         return 0
 
     # Not for this filesystem: answered explicitly, never ENOSYS (which would disable

@@ -5,11 +5,14 @@
 
 Mirrors SOURCE_DIR at MOUNTPOINT through the same fusepy-API binding and the same mount
 options as tandemfs (multithreaded, ``use_ino``, ``default_permissions``, ``allow_other``,
-the same cache timeouts, big writes on libfuse2, nanosecond times), so that the
+the same entry cache timeout, big writes on libfuse2, nanosecond times), so that the
 difference between the two measures what tandemfs itself costs, not what FUSE and
-Python cost. Every call is one or two system calls on the source tree; open files keep a
-real file descriptor in ``fh`` and are written with pwrite and read with preadv straight
-into libfuse's buffer (the same shortcut tandemfs's reads take).
+Python cost. One option differs: attributes are not cached (``attr_timeout=0``), as in
+libfuse's own passthrough example, because a passthrough cannot know of changes made to
+its source tree beneath it; tandemfs can, since every change goes through its mount.
+Every call is one or two system calls on the source tree; open files keep a real file
+descriptor in ``fh`` and are written with pwrite and read with preadv straight into
+libfuse's buffer (the same shortcut tandemfs's reads take).
 
 Runs in the foreground; SIGTERM, SIGINT or an external ``fusermount -u`` unmounts and
 exits 0. The binding is chosen like tandemfs's: ``TANDEMFS_FUSE=mfusepy`` (libfuse3, the
@@ -85,6 +88,7 @@ def mount_options(major: int) -> tuple[dict, str]:
         mounting = importlib.import_module("fs.mounting")
         opts = dict(mounting.mount_options(False, "passthrough"))
         opts["fsname"] = "passthrough"
+        opts["attr_timeout"] = 0
         if "subtype" in opts:
             opts["subtype"] = "passthrough"
         source = "fs.mounting"

@@ -118,6 +118,53 @@ def test_shell_tools_mv_ln_chmod_touch(primary, tmp_path):
     assert sh("stat", "-c", "%h", "d/b", cwd=mnt).stdout.strip() == "3"  # seen through the other name
 
 
+def test_hard_links_never_show_stale_attributes(primary):
+    """The kernel caches attributes per name: a change made through one name of a file must
+    show through every other name at once, whatever the change."""
+    mnt = primary.mountpoint
+    a, b = mnt / "a", mnt / "b"
+    a.write_bytes(b"one")
+    assert os.stat(a).st_nlink == 1  # cached while it has a single name
+    os.link(a, b)
+    assert os.stat(a).st_nlink == 2 and os.stat(b).st_nlink == 2
+    mtime = os.stat(a).st_mtime_ns
+
+    os.chmod(b, 0o600)
+    assert stat.S_IMODE(os.stat(a).st_mode) == 0o600
+    with open(b, "ab") as f:
+        f.write(b" two")
+    st = os.stat(a)
+    assert st.st_size == 7 and st.st_mtime_ns > mtime
+    assert a.read_bytes() == b"one two"
+    os.utime(b, ns=(1_000_000_000, 2_000_000_123))
+    assert os.stat(a).st_mtime_ns == 2_000_000_123
+    os.truncate(b, 2)
+    assert os.stat(a).st_size == 2 and a.read_bytes() == b"on"
+    ctime = os.stat(a).st_ctime_ns
+    os.setxattr(b, "user.k", b"v")
+    assert os.stat(a).st_ctime_ns > ctime and os.getxattr(a, "user.k") == b"v"
+
+    # Names moved, directories included, stay followed.
+    (mnt / "d").mkdir()
+    os.rename(b, mnt / "d" / "c")
+    assert os.stat(mnt / "d" / "c").st_nlink == 2
+    os.rename(mnt / "d", mnt / "e")  # its node, attributes cached, moves with it
+    os.chmod(a, 0o604)
+    assert stat.S_IMODE(os.stat(mnt / "e" / "c").st_mode) == 0o604
+    os.chmod(mnt / "e" / "c", 0o640)
+    assert stat.S_IMODE(os.stat(a).st_mode) == 0o640
+
+    # A name less, by unlink or by a rename over it.
+    os.link(a, mnt / "f")
+    assert os.stat(a).st_nlink == 3 and os.stat(mnt / "f").st_nlink == 3
+    os.unlink(mnt / "e" / "c")
+    assert os.stat(a).st_nlink == 2 and os.stat(mnt / "f").st_nlink == 2
+    (mnt / "other").write_bytes(b"")
+    os.rename(mnt / "other", mnt / "f")
+    assert os.stat(a).st_nlink == 1
+    assert os.stat(mnt / "f").st_nlink == 1 and os.stat(mnt / "f").st_size == 0
+
+
 def test_posix_semantics(primary):
     mnt = primary.mountpoint
     (mnt / "f").write_bytes(b"x" * 100)
