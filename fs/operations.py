@@ -279,9 +279,17 @@ class TandemFS(Operations):
     # --- file data ------------------------------------------------------------------
     @fuse_errors
     def open(self, path: str, flags: int) -> int:
-        ino = self._resolve(path)
+        with self.store.reader() as st:
+            ino = st.resolve(os.fsencode(path))
+            regular = stat.S_ISREG(st.inode(ino).mode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) and self.store.read_only_reason:
             raise ReadOnly(self.store.read_only_reason)
+        if flags & os.O_TRUNC and regular:
+            # libfuse3 asks for atomic O_TRUNC: the kernel leaves the truncation to open
+            # (the kernel has checked write permission). Like Linux, it sets the times
+            # even when the file is already empty.
+            self.store.commit(ops.Truncate(ino=ino, size=0, time_ns=time.time_ns()))
+            self._changed(ino, path)
         return ino
 
     @fuse_errors

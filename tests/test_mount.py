@@ -118,6 +118,29 @@ def test_shell_tools_mv_ln_chmod_touch(primary, tmp_path):
     assert sh("stat", "-c", "%h", "d/b", cwd=mnt).stdout.strip() == "3"  # seen through the other name
 
 
+def test_overwriting_an_existing_file_truncates_it(primary, tmp_path):
+    """O_TRUNC on an existing file (a shell redirect, cp onto it, an editor's save)."""
+    mnt = primary.mountpoint
+    f = mnt / "f"
+    f.write_bytes(b"y" * 100_000)
+    os.link(f, mnt / "alias")
+    assert os.stat(mnt / "alias").st_size == 100_000
+    sh("sh", "-c", "echo x > f", cwd=mnt)
+    assert f.read_bytes() == b"x\n"
+    assert os.stat(f).st_size == 2 and os.stat(mnt / "alias").st_size == 2
+    (tmp_path / "small").write_bytes(b"small")
+    sh("cp", str(tmp_path / "small"), str(f))
+    assert (mnt / "alias").read_bytes() == b"small"
+    with open(f, "w") as out:
+        out.write("z")
+    assert f.read_text() == "z"
+    empty = mnt / "empty"
+    empty.write_bytes(b"")
+    os.utime(empty, ns=(1_000_000_000, 1_000_000_000))
+    sh("sh", "-c", ": > empty", cwd=mnt)  # Linux sets the times even when nothing is cut
+    assert os.stat(empty).st_size == 0 and os.stat(empty).st_mtime_ns > 1_000_000_000
+
+
 def test_hard_links_never_show_stale_attributes(primary):
     """The kernel caches attributes per name: a change made through one name of a file must
     show through every other name at once, whatever the change."""
