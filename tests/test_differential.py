@@ -10,6 +10,7 @@ is not about.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -19,18 +20,28 @@ from pathlib import Path
 
 import pytest
 
+from fs.binding import LIBFUSE_MAJOR
+
 pytestmark = pytest.mark.fuse
 
 SEEDS = [1, 2, 3, 4, 5, 6]
 OPS_PER_SEED = 2000
 #: A few names, so that operations collide: files, directories and symlinks come and go.
-NAMES = ["a", "b", "c", "d1", "d2", "d1/x", "d1/y", "d2/x", "d1/e", "d1/e/z"]
+NAMES = ["a", "b", "c", "d1", "d2", "d1/x", "d1/y", "d2/x", "d1/e", "d1/e/z", "d1/e/f", "d2/x/q"]
 #: Operations after which open files would be hidden rather than unlinked.
-MOVES_NAMES = {"unlink", "rmdir", "rename"}
+MOVES_NAMES = {"unlink", "rmdir", "rename", "rename2"}
 SNAPSHOT_EVERY = 25
 OPEN_FLAGS = [os.O_RDONLY, os.O_WRONLY, os.O_RDWR]
 CREATE_FLAGS = [0, os.O_CREAT, os.O_CREAT | os.O_EXCL, os.O_TRUNC, os.O_CREAT | os.O_TRUNC, os.O_APPEND,
-                os.O_CREAT | os.O_APPEND]
+                os.O_CREAT | os.O_APPEND, os.O_DIRECTORY, os.O_NOFOLLOW, os.O_NOFOLLOW | os.O_CREAT]
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:  # AT_FDCWD
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def digest(data: bytes) -> str:
@@ -53,7 +64,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            entry: tuple = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode))
+            mode = None if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode)
+            entry: tuple = (stat.S_IFMT(st.st_mode), mode, st.st_uid, st.st_gid)
             if stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as f:
                     entry += (st.st_nlink, st.st_size, digest(f.read()))
@@ -89,7 +101,7 @@ class Side:
         path = self._path
         if op == "open":
             name, flags, slot = args
-            fd = os.open(path(name), flags, 0o644)
+            fd = os.open(path(name), flags | os.O_NONBLOCK, 0o644)  # a FIFO must not wait
             if slot in self.fds:
                 os.close(self.fds.pop(slot))
             self.fds[slot] = fd
@@ -142,6 +154,10 @@ class Side:
             "link": lambda: os.link(path(name), path(args[1])),
             "symlink": lambda: os.symlink(args[1], path(name)),
             "chmod": lambda: os.chmod(path(name), args[1]),
+            "chown": lambda: os.chown(path(name), args[1], args[2]),
+            "lchown": lambda: os.lchown(path(name), args[1], args[2]),
+            "mkfifo": lambda: os.mkfifo(path(name), 0o644),
+            "rename2": lambda: renameat2(path(name), path(args[1]), args[2]),
             "setxattr": lambda: os.setxattr(path(name), "user." + args[1], args[2], args[3]),
             "removexattr": lambda: os.removexattr(path(name), "user." + args[1]),
         }
@@ -150,6 +166,7 @@ class Side:
 
 
 def random_op(rnd: random.Random, with_xattrs: bool) -> tuple[str, tuple]:
+    """One call with its arguments. Rename's flags only where libfuse passes them (3)."""
     name, other = rnd.choice(NAMES), rnd.choice(NAMES)
     data = bytes([rnd.randrange(256)]) * rnd.choice([1, 100, 4096, 70_000, 200_000])
     slot = rnd.randrange(3)
@@ -160,7 +177,7 @@ def random_op(rnd: random.Random, with_xattrs: bool) -> tuple[str, tuple]:
         ("pwrite", (slot, data, rnd.choice([0, 1, 4095, 65_535, 65_536, 100_000, 300_000]))),
         ("read", (slot, rnd.choice([1, 5000, 100_000]))),
         ("pread", (slot, rnd.choice([10, 70_000]), rnd.choice([0, 65_530, 150_000]))),
-        ("ftruncate", (slot, rnd.choice([0, 1, 65_536, 65_537, 150_000]))),
+        ("ftruncate", (slot, rnd.choice([0, 1, 65_536, 65_537, 150_000, 5_000_000]))),
         ("fstat", (slot,)),
         ("seek_end", (slot, rnd.choice([0, -1, 10]))),
         ("truncate", (name, rnd.choice([0, 3, 70_000]))),
@@ -170,12 +187,17 @@ def random_op(rnd: random.Random, with_xattrs: bool) -> tuple[str, tuple]:
         ("rename", (name, other)),
         ("link", (name, other)),
         ("symlink", (name, other)),
-        ("chmod", (name, rnd.choice([0o600, 0o755, 0o4755, 0o1777]))),
+        ("chmod", (name, rnd.choice([0o600, 0o755, 0o4755, 0o2755, 0o1777]))),
+        ("chown", (name, rnd.choice([-1, 0, 1000]), rnd.choice([-1, 0, 1000]))),
+        ("lchown", (name, rnd.choice([-1, 0, 1000]), rnd.choice([-1, 0, 1000]))),
+        ("mkfifo", (name,)),
         ("stat", (name,)),
         ("listdir", (rnd.choice(["d1", "d2", "."]),)),
         ("readlink", (name,)),
         ("utime", (name, rnd.choice([1, 10**18 + 123]))),
     ]
+    if LIBFUSE_MAJOR >= 3:
+        ops.append(("rename2", (name, other, rnd.choice([RENAME_NOREPLACE, RENAME_EXCHANGE]))))
     if with_xattrs:
         ops += [
             ("setxattr", (name, rnd.choice("kl"), data[:rnd.choice([0, 5, 300])],
