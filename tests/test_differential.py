@@ -31,6 +31,7 @@ NAMES = ["a", "b", "c", "d1", "d2", "d1/x", "d1/y", "d2/x", "d1/e", "d1/e/z", "d
 #: Operations after which open files would be hidden rather than unlinked.
 MOVES_NAMES = {"unlink", "rmdir", "rename", "rename2"}
 SNAPSHOT_EVERY = 25
+WEIGHTS = {"open": 4, "write": 3, "pwrite": 3, "read": 2, "pread": 2, "close": 2}
 OPEN_FLAGS = [os.O_RDONLY, os.O_WRONLY, os.O_RDWR]
 CREATE_FLAGS = [0, os.O_CREAT, os.O_CREAT | os.O_EXCL, os.O_TRUNC, os.O_CREAT | os.O_TRUNC, os.O_APPEND,
                 os.O_CREAT | os.O_APPEND, os.O_DIRECTORY, os.O_NOFOLLOW, os.O_NOFOLLOW | os.O_CREAT]
@@ -205,7 +206,9 @@ def random_op(rnd: random.Random, with_xattrs: bool) -> tuple[str, tuple]:
             ("getxattr", (name, rnd.choice("kl"))),
             ("removexattr", (name, rnd.choice("kl"))),
         ]
-    return rnd.choice(ops)
+    # Data calls come more often than namespace ones, so that files grow before they are
+    # reopened, truncated, linked or renamed.
+    return rnd.choices(ops, weights=[WEIGHTS.get(op, 1) for op, _args in ops])[0]
 
 
 def supports_user_xattrs(directory: Path) -> bool:
