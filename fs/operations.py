@@ -281,10 +281,10 @@ class TandemFS(Operations):
     def open(self, path: str, flags: int) -> int:
         with self.store.reader() as st:
             ino = st.resolve(os.fsencode(path))
-            regular = stat.S_ISREG(st.inode(ino).mode)
+            truncate = bool(flags & os.O_TRUNC) and stat.S_ISREG(st.inode(ino).mode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC) and self.store.read_only_reason:
             raise ReadOnly(self.store.read_only_reason)
-        if flags & os.O_TRUNC and regular:
+        if truncate:
             # libfuse3 asks for atomic O_TRUNC: the kernel leaves the truncation to open
             # (the kernel has checked write permission). Like Linux, it sets the times
             # even when the file is already empty.
