@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fs.binding import LIBFUSE_MAJOR
+from tests.cluster import Cluster, cluster_fixture, wait_until  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.fuse
 
@@ -49,13 +50,13 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def user_xattrs(path: str) -> list[tuple[str, str]]:
+def user_xattrs(path: str) -> tuple[tuple[str, str], ...]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
-        return []
-    return sorted((n, digest(os.getxattr(path, n, follow_symlinks=False)))
-                  for n in names if n.startswith("user."))
+        return ()
+    return tuple(sorted((n, digest(os.getxattr(path, n, follow_symlinks=False)))
+                        for n in names if n.startswith("user.")))
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -227,11 +228,9 @@ def shown(op: str, args: tuple) -> str:
     return f"{op}({', '.join(f'<{len(a)} bytes>' if isinstance(a, bytes) else repr(a) for a in args)})"
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_same_answers_as_the_local_filesystem(primary, tmp_path, seed):
-    local = tmp_path / "local"
-    local.mkdir()
-    sides = (Side(local), Side(primary.mountpoint))
+def run_against_local(mountpoint: Path, local: Path, seed: int) -> None:
+    """OPS_PER_SEED random calls on both; fails at the first answer or tree that differs."""
+    sides = (Side(local), Side(mountpoint))
     rnd = random.Random(seed)
     with_xattrs = supports_user_xattrs(local)
     done: list[str] = []
@@ -246,7 +245,28 @@ def test_same_answers_as_the_local_filesystem(primary, tmp_path, seed):
             recent = "\n".join(done[-30:])
             assert got == expected, f"seed {seed}, #{i} {shown(op, args)}: mount {got!r}\n{recent}"
             if i % SNAPSHOT_EVERY == 0 or i == OPS_PER_SEED - 1:
-                assert snapshot(primary.mountpoint) == snapshot(local), f"seed {seed}, after #{i}\n{recent}"
+                assert snapshot(mountpoint) == snapshot(local), f"seed {seed}, after #{i}\n{recent}"
     finally:
         for side in sides:
             side.close_all()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_same_answers_as_the_local_filesystem(primary, tmp_path, seed):
+    local = tmp_path / "local"
+    local.mkdir()
+    run_against_local(primary.mountpoint, local, seed)
+
+
+def test_every_kind_of_call_replicates(cluster: Cluster, tmp_path: Path) -> None:
+    """The same sequences through a primary: its standby ends with the same state (digest)
+    and its read-only mount shows the local tree."""
+    primary = cluster.primary()
+    standby = cluster.standby(primary)
+    local = tmp_path / "local"
+    local.mkdir()
+    run_against_local(primary.mount, local, SEEDS[0])
+    assert cluster.verify(primary, standby, deadline=60).startswith("match")
+    expected = snapshot(local)
+    wait_until(lambda: snapshot(standby.mount) == expected, 10, "the standby's mount to show the local tree",
+               on_fail=lambda: str(sorted(set(snapshot(standby.mount).items()) ^ set(expected.items()))[:20]))
