@@ -1,5 +1,6 @@
 """The mount against the local filesystem: the same random operations, run on both, must
-get the same answers (results and errnos) and leave the same tree behind.
+get the same answers (results and errnos), move the same directories' times, and leave
+the same tree behind.
 
 Sequences are random but seeded, so a failure names the seed and the operations that led
 to it, and replays. Every open file is closed before an operation that removes or moves a
@@ -73,6 +74,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
                     entry += (st.st_nlink, st.st_size, digest(f.read()))
             elif stat.S_ISLNK(st.st_mode):
                 entry += (os.readlink(path),)
+            elif stat.S_ISDIR(st.st_mode):
+                entry += (st.st_nlink,)  # 2 + its subdirectories
             tree[os.path.relpath(path, root)] = (*entry, user_xattrs(path))
     return tree
 
@@ -228,6 +231,36 @@ def shown(op: str, args: tuple) -> str:
     return f"{op}({', '.join(f'<{len(a)} bytes>' if isinstance(a, bytes) else repr(a) for a in args)})"
 
 
+DIRECTORIES = [".", "d1", "d2", "d1/e", "d2/x"]
+
+
+def directory_times(root: Path) -> dict[str, tuple[int, int]]:
+    times = {}
+    for name in DIRECTORIES:
+        try:
+            st = os.lstat(root / name)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            times[name] = (st.st_mtime_ns, st.st_ctime_ns)
+    return times
+
+
+def touched(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """The directories (of those present before and after) whose mtime or ctime moved."""
+    return sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
+
+
+#: Calls that change a directory: its mtime and ctime must move alike on both sides.
+NAMESPACE_CALLS = {"mkdir", "rmdir", "unlink", "rename", "rename2", "link", "symlink", "mkfifo"}
+
+
+def times_compared(op: str, args: tuple) -> bool:
+    """Whether the directories' times are compared around this call: for the calls that
+    add or remove names (creating opens included), where they must move alike."""
+    return op in NAMESPACE_CALLS or (op == "open" and bool(args[1] & os.O_CREAT))
+
+
 def run_against_local(mountpoint: Path, local: Path, seed: int) -> None:
     """OPS_PER_SEED random calls on both; fails at the first answer or tree that differs."""
     sides = (Side(local), Side(mountpoint))
@@ -240,7 +273,13 @@ def run_against_local(mountpoint: Path, local: Path, seed: int) -> None:
             if op in MOVES_NAMES:
                 for side in sides:
                     side.close_all()
+            compare_times = times_compared(op, args)
+            before = [directory_times(side.root) for side in sides] if compare_times else []
             expected, got = (side.do(op, args) for side in sides)
+            if compare_times:
+                after = [directory_times(side.root) for side in sides]
+                expected = (expected, touched(before[0], after[0]))
+                got = (got, touched(before[1], after[1]))
             done.append(f"#{i} {shown(op, args)} -> {expected!r}")
             recent = "\n".join(done[-30:])
             assert got == expected, f"seed {seed}, #{i} {shown(op, args)}: mount {got!r}\n{recent}"
