@@ -1,6 +1,6 @@
 """The mount against the local filesystem: the same random operations, run on both, must
-get the same answers (results and errnos), move the same directories' times, and leave
-the same tree behind.
+get the same answers (results and errnos), move the times of the directories they
+change, and leave the same tree behind.
 
 Sequences are random but seeded, so a failure names the seed and the operations that led
 to it, and replays. Every open file is closed before an operation that removes or moves a
@@ -251,13 +251,14 @@ def touched(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]
     return sorted(n for n in before.keys() & after.keys() if before[n] != after[n])
 
 
-#: Calls that change a directory: its mtime and ctime must move alike on both sides.
+#: Calls that change a directory: its mtime and ctime must move on the mount where they
+#: move on the local filesystem.
 NAMESPACE_CALLS = {"mkdir", "rmdir", "unlink", "rename", "rename2", "link", "symlink", "mkfifo"}
 
 
 def times_compared(op: str, args: tuple) -> bool:
     """Whether the directories' times are compared around this call: for the calls that
-    add or remove names (creating opens included), where they must move alike."""
+    add or remove names (creating opens included)."""
     return op in NAMESPACE_CALLS or (op == "open" and bool(args[1] & os.O_CREAT))
 
 
@@ -277,9 +278,12 @@ def run_against_local(mountpoint: Path, local: Path, seed: int) -> None:
             before = [directory_times(side.root) for side in sides] if compare_times else []
             expected, got = (side.do(op, args) for side in sides)
             if compare_times:
+                # What moved locally must have moved on the mount. Not the other way round:
+                # on a filesystem with a coarse clock, a second change within one tick
+                # moves nothing, where tandemfs's nanosecond times always move.
                 after = [directory_times(side.root) for side in sides]
-                expected = (expected, touched(before[0], after[0]))
-                got = (got, touched(before[1], after[1]))
+                unmoved = sorted(set(touched(before[0], after[0])) - set(touched(before[1], after[1])))
+                expected, got = (expected, []), (got, unmoved)
             done.append(f"#{i} {shown(op, args)} -> {expected!r}")
             recent = "\n".join(done[-30:])
             assert got == expected, f"seed {seed}, #{i} {shown(op, args)}: mount {got!r}\n{recent}"
