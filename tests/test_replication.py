@@ -207,7 +207,11 @@ def test_small_stores_stay_usable_on_both_nodes_as_files_come_and_go(cluster: Cl
     cluster.verify(primary, standby)
     status = standby.status()
     assert status["standby"]["state"] == "following" and status["fatal"] is None, status
-    assert status["journal"]["bytes"] < 32 << 20
+    # It pruned as it went: 120 MiB went through a 64 MiB store. (How much journal it
+    # holds at this instant depends on when its last prune ran: small prunes wait for
+    # more records to gather, and a full store prunes at once.)
+    journal = status["journal"]
+    assert journal["first_seq"] > 1 and journal["bytes"] < 64 << 20, status
 
 
 def test_interrupted_snapshot_resumes(cluster: Cluster) -> None:
