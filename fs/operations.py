@@ -96,15 +96,10 @@ class TandemFS(Operations):
                                   time_ns=time.time_ns(), name=name))
         return ino
 
-    def _ino_if_aliased(self, path: str) -> int | None:
-        """The inode at `path` when hard-link aliases are recorded (None when none is: then
-        no other name can be stale, and the lookup is spared)."""
-        if not self.aliases:
-            return None
-        try:
-            return self._resolve(path)
-        except NotFound:
-            return None
+    def _named_if_aliased(self, st: FsState, parent: int, name: bytes) -> int | None:
+        """The inode `name` in `parent` names, when hard-link aliases are recorded (while
+        none is, no other name can be stale, and the lookup is spared)."""
+        return st.find(parent, name) if self.aliases else None
 
     def _changed(self, ino: int | None, via: str | None = None) -> None:
         if self.aliases is not None and ino in self.aliases:
@@ -207,8 +202,9 @@ class TandemFS(Operations):
     @fuse_errors
     def unlink(self, path: str) -> int:
         parent_path, name = _split(path)
-        parent = self._resolve(os.fsdecode(parent_path))
-        ino = self._ino_if_aliased(path)
+        with self.store.reader() as st:
+            parent = st.resolve(parent_path)
+            ino = self._named_if_aliased(st, parent, name)
         self.store.commit(ops.Unlink(parent=parent, time_ns=time.time_ns(), name=name))
         if self.aliases is not None:
             self.aliases.removed(path)
@@ -229,7 +225,8 @@ class TandemFS(Operations):
         with self.store.reader() as st:
             old_parent = st.resolve(old_parent_path)
             new_parent = st.resolve(new_parent_path)
-        moved, replaced = self._ino_if_aliased(old), self._ino_if_aliased(new)
+            moved = self._named_if_aliased(st, old_parent, old_name)
+            replaced = self._named_if_aliased(st, new_parent, new_name)
         self.store.commit(ops.Rename(old_parent=old_parent, new_parent=new_parent, flags=flags,
                                 time_ns=time.time_ns(), old_name=old_name, new_name=new_name))
         if self.aliases is not None:
