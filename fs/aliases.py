@@ -41,7 +41,7 @@ class LinkAliases:
         self._paths: dict[int, set[str]] = {}
         self._inode_of: dict[str, int] = {}
         self._work: queue.SimpleQueue[tuple[list[str], threading.Event] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        threading.Thread(target=self._invalidator, name="invalidate-aliases", daemon=True).start()
 
     def __bool__(self) -> bool:
         """Whether any path is recorded: calls that would need a lookup to know which inode
@@ -115,12 +115,6 @@ class LinkAliases:
 
     def _run(self, paths: list[str]) -> None:
         done = threading.Event()
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._invalidator, name="invalidate-aliases",
-                                                    daemon=True)
-                    self._thread.start()
         self._work.put((paths, done))
         if not done.wait(WAIT_SECONDS):
             log.debug("invalidating %d alias(es) took over %.1fs; not waiting longer", len(paths),
@@ -137,5 +131,4 @@ class LinkAliases:
             done.set()
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._work.put(None)
+        self._work.put(None)
