@@ -10,6 +10,7 @@ transaction that is aborted on any exception, so an invalid op leaves no trace.
 from __future__ import annotations
 
 import stat
+import struct
 from collections.abc import Callable
 
 from . import ops
@@ -26,6 +27,7 @@ from .errors import (
     NotFound,
     NotPermitted,
 )
+from .records import HEADER_SIZE, WRITE_DATA_START
 from .schema import (
     BLOCK_SIZE,
     META_NEXT_INO,
@@ -34,19 +36,59 @@ from .schema import (
     XATTR_NAME_MAX,
     XATTR_SIZE_MAX,
     Inode,
+    block_data_value,
     block_key,
+    block_ref_value,
     dirent_key,
+    parse_block_ref,
     u64,
     xattr_key,
 )
 from .state import FsState, check_name
 
+#: A Write record's ino and offset, at HEADER_SIZE, and its data's length, just before the data.
+_WRITE_HEAD = struct.Struct(">qq")
+_WRITE_LEN = struct.Struct(">I")
+
 #: Largest file size: keeps block numbers and offsets far inside signed 64-bit.
 MAX_FILE_SIZE = 1 << 50
 
 
-def apply(state: FsState, op: ops.Op) -> None:
-    _HANDLERS[type(op)](state, op)
+def apply(state: FsState, op: ops.Op, seq: int | None = None) -> None:
+    """Apply `op`, which is (or is about to be) the journal's record `seq` in the same
+    transaction: a block a Write covers whole then refers to the record's copy of the
+    bytes instead of holding its own (schema.DB_BLOCKS). Without `seq` (an op that is not
+    journaled here), blocks hold their bytes."""
+    if type(op) is ops.Write:
+        _write(state, op, seq)  # type: ignore[arg-type]
+    else:
+        _HANDLERS[type(op)](state, op)
+
+
+def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
+    """Before journal record `seq` (the bytes `record`) is deleted: copy the bytes that
+    blocks still refer to in it into those blocks. Returns how many bytes were copied."""
+    if len(record) < WRITE_DATA_START or record[3] != ops.Write.CODE:
+        return 0
+    ino, offset = _WRITE_HEAD.unpack_from(record, HEADER_SIZE)
+    (length,) = _WRITE_LEN.unpack_from(record, WRITE_DATA_START - _WRITE_LEN.size)
+    copied = 0
+    if length <= 0:
+        return 0
+    view = memoryview(record)
+    txn, blocks = state.txn, state.db.blocks
+    for block_no in range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1):
+        key = block_key(ino, block_no)
+        value = txn.get(key, db=blocks)
+        if value is None:
+            continue
+        ref = parse_block_ref(value)
+        if ref is None or ref[0] != seq:
+            continue
+        _seq, start, size = ref
+        txn.put(key, block_data_value(view[start:start + size]), db=blocks)
+        copied += size
+    return copied
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -271,7 +313,7 @@ def _regular_file(state: FsState, ino: int) -> Inode:
     return node
 
 
-def _write(state: FsState, op: ops.Write) -> None:
+def _write(state: FsState, op: ops.Write, seq: int | None = None) -> None:
     node = _regular_file(state, op.ino)
     end = op.offset + len(op.data)
     if op.offset < 0 or end > MAX_FILE_SIZE:
@@ -287,13 +329,17 @@ def _write(state: FsState, op: ops.Write) -> None:
         chunk = data[pos - op.offset:pos - op.offset + take]
         key = block_key(op.ino, block_no)
         if within == 0 and (take == BLOCK_SIZE or pos + take >= node.size):
-            # The chunk covers everything the block holds: no read-modify-write.
-            txn.put(key, chunk, db=blocks)
+            # The chunk covers everything the block holds: no read-modify-write, and
+            # with the record at hand, no second copy of the bytes either.
+            if seq is None:
+                txn.put(key, block_data_value(chunk), db=blocks)
+            else:
+                txn.put(key, block_ref_value(seq, WRITE_DATA_START + pos - op.offset, take), db=blocks)
         else:
-            old = txn.get(key, db=blocks) or b""
-            if len(old) < within:
-                old += bytes(within - len(old))
-            txn.put(key, b"".join((old[:within], chunk, old[within + take:])), db=blocks)
+            value = txn.get(key, db=blocks)
+            old = state.block_bytes(value) if value is not None else memoryview(b"")
+            gap = bytes(max(0, within - len(old)))
+            txn.put(key, block_data_value(old[:within], gap, chunk, old[within + take:]), db=blocks)
         pos += take
     node.size = max(node.size, end)
     node.mtime_ns = node.ctime_ns = op.time_ns
@@ -308,9 +354,12 @@ def _truncate(state: FsState, op: ops.Truncate) -> None:
         keep_blocks, tail = divmod(op.size, BLOCK_SIZE)
         if tail:
             key = block_key(op.ino, keep_blocks)
-            old = state.txn.get(key, db=state.db.blocks)
-            if old is not None and len(old) > tail:
-                state.txn.put(key, old[:tail], db=state.db.blocks)
+            value = state.txn.get(key, db=state.db.blocks)
+            if value is not None and len(old := state.block_bytes(value)) > tail:
+                ref = parse_block_ref(value)
+                # A reference shortens without a copy; a block's own bytes are cut.
+                state.txn.put(key, block_data_value(old[:tail]) if ref is None
+                              else block_ref_value(ref[0], ref[1], tail), db=state.db.blocks)
             keep_blocks += 1
         _delete_prefix(state, state.db.blocks, u64(op.ino), block_key(op.ino, keep_blocks))
     node.size = op.size

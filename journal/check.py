@@ -27,8 +27,9 @@ from typing import NamedTuple
 
 import lmdb
 
+from . import ops
 from .errors import CorruptRecord, StoreError
-from .records import decode_record
+from .records import WRITE_DATA_START, decode_record
 from .schema import (
     BLOCK_SIZE,
     FORMAT_VERSION,
@@ -45,8 +46,10 @@ from .schema import (
     Inode,
     epoch_at,
     from_u64,
+    parse_block_ref,
     unpack_epoch_history,
 )
+from .state import FsState
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -220,12 +223,21 @@ def _check_links(nodes: Nodes, problems: list[str]) -> None:
 
 
 def _check_blocks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
-    for key, value in txn.cursor(db=db.blocks):
+    state = FsState(txn, db)
+    for key, raw in txn.cursor(db=db.blocks):
         if len(key) != _PAIR.size:
             problems.append(f"blocks: malformed key {bytes(key).hex()}")
             continue
         ino, block_no = _PAIR.unpack(key)
         where = f"block {block_no} of inode {ino}"
+        try:
+            value = state.block_bytes(raw)
+            ref = parse_block_ref(raw)
+        except StoreError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if ref is not None:
+            _check_block_ref(txn, db, ino, block_no, ref, problems)
         node = nodes.get(ino)
         if node is None:
             problems.append(f"{where}: inode does not exist")
@@ -240,6 +252,27 @@ def _check_blocks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) ->
         elif start + len(value) > node.size:
             problems.append(f"{where}: stores {start + len(value) - node.size} bytes past the "
                             f"file size {node.size}")
+
+
+def _check_block_ref(txn: Txn, db: Databases, ino: int, block_no: int, ref: tuple[int, int, int],
+                     problems: list[str]) -> None:
+    """A block that refers to the journal refers to the bytes a Write of its inode wrote
+    to its start."""
+    seq, start, length = ref
+    where = f"block {block_no} of inode {ino}, referring to journal record {seq}"
+    try:
+        record = decode_record(txn.get(_U64.pack(seq), db=db.journal) or b"")
+    except CorruptRecord as exc:
+        problems.append(f"{where}: {exc}")
+        return
+    op = record.op
+    if not isinstance(op, ops.Write) or op.ino != ino:
+        problems.append(f"{where}: the record is not a write to that inode")
+    elif start < WRITE_DATA_START or start - WRITE_DATA_START + length > len(op.data):
+        problems.append(f"{where}: {length} bytes at {start} lie outside the record's data")
+    elif op.offset + start - WRITE_DATA_START != block_no * BLOCK_SIZE:
+        problems.append(f"{where}: the bytes were written at file offset "
+                        f"{op.offset + start - WRITE_DATA_START}, not at the block's start")
 
 
 def _check_symlinks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
@@ -350,7 +383,9 @@ def digest(store: Store) -> StateDigest:
     Covers the cluster id and every database of schema.STATE_DBS in cursor order; not
     the journal, nor meta that is local to a node (epoch, role, sizes, seqs). Each
     database contributes its length-prefixed name and entry count, then each entry its
-    length-prefixed key and value, so no two different states hash the same bytes.
+    length-prefixed key and value, so no two different states hash the same bytes. A
+    block's value is hashed as the bytes it stands for: whether a block still refers to
+    the journal depends on when a node last pruned, not on the state.
     """
     h = hashlib.sha256()
     with store.shared(), store.env.begin() as txn:
@@ -365,7 +400,10 @@ def digest(store: Store) -> StateDigest:
             h.update(_U64.pack(len(name)))
             h.update(name)
             h.update(_U64.pack(txn.stat(handle)["entries"]))
+            blocks = FsState(txn, store.db) if handle == store.db.blocks else None
             for key, value in txn.cursor(db=handle):
+                if blocks is not None:
+                    value = blocks.block_bytes(value)
                 h.update(_U64.pack(len(key)))
                 h.update(key)
                 h.update(_U64.pack(len(value)))

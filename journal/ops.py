@@ -223,6 +223,9 @@ OP_TYPES: tuple[type[Op], ...] = (
 _CODECS = {cls: _Codec(cls) for cls in OP_TYPES}
 _BY_CODE = {cls.CODE: _CODECS[cls] for cls in OP_TYPES}
 assert len(_BY_CODE) == len(OP_TYPES)
+assert _CODECS[Write].bytes_names == ["data"]
+#: Where a Write's data begins in its encoded payload (after its ints and the data's length).
+WRITE_DATA_OFFSET = _CODECS[Write].ints.size + _LEN.size
 
 
 def decode_op(code: int, payload: bytes | memoryview) -> Op:

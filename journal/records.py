@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from .errors import CorruptRecord
-from .ops import Op, decode_op
+from .ops import WRITE_DATA_OFFSET, Op, decode_op
 from .schema import FORMAT_VERSION
 
 MAGIC = b"TJ"
@@ -32,6 +32,8 @@ _HEADER = struct.Struct(">2sBBQQ16sI")
 _CRC = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 OVERHEAD = _HEADER.size + _CRC.size
+#: Where a Write's data begins in its record: blocks refer to it there (schema.BLOCK_REF).
+WRITE_DATA_START = HEADER_SIZE + WRITE_DATA_OFFSET
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import lmdb
 
-FORMAT_VERSION = 1
+#: 2: a block's value is either its bytes or a reference into the journal (BLOCK_REF).
+FORMAT_VERSION = 2
 
 #: File data lives in fixed blocks of this size. LMDB stores values above ~2 KiB in
 #: overflow pages, so a block of tens of KiB costs one page run, and a 4 KiB random write
@@ -39,10 +40,17 @@ DB_INODES = b"inodes"
 #: dirents: parent ino (u64 BE) + name bytes -> child ino (u64 BE). A cursor range over
 #: one parent is that directory's listing. Every child ino exists in `inodes`.
 DB_DIRENTS = b"dirents"
-#: blocks: ino (u64 BE) + block number (u64 BE) -> up to BLOCK_SIZE bytes. A missing block
-#: reads as zeros; no block lies wholly past the file's size, and the bytes of the last
-#: block past the size are never stored.
+#: blocks: ino (u64 BE) + block number (u64 BE) -> where the block's bytes (up to
+#: BLOCK_SIZE) are: BLOCK_DATA followed by the bytes, or BLOCK_REF followed by (seq u64,
+#: start u32, length u32): the bytes are `length` bytes at `start` of the journal record
+#: `seq`, a Write that covered the whole block. A write's bytes are thus stored once, in
+#: its record; pruning copies the bytes a block still refers to into the block before it
+#: deletes the record (`apply.detach_record`), so a reference always finds its record. A
+#: missing block reads as zeros; no block lies wholly past the file's size, and the bytes
+#: of the last block past the size are never stored.
 DB_BLOCKS = b"blocks"
+BLOCK_DATA = b"D"
+BLOCK_REF = b"J"
 #: symlinks: ino (u64 BE) -> target bytes, for every S_IFLNK inode and no other.
 DB_SYMLINKS = b"symlinks"
 #: xattrs: ino (u64 BE) + name bytes -> value bytes. The inode exists.
@@ -96,6 +104,31 @@ def dirent_key(parent: int, name: bytes) -> bytes:
 
 def block_key(ino: int, block_no: int) -> bytes:
     return _U64_PAIR.pack(ino, block_no)
+
+
+_BLOCK_REF = struct.Struct(">cQII")
+
+
+def block_data_value(*parts: bytes | memoryview) -> bytes:
+    """A blocks value holding the block's bytes, the concatenation of `parts`."""
+    return b"".join((BLOCK_DATA, *parts))
+
+
+def block_ref_value(seq: int, start: int, length: int) -> bytes:
+    """A blocks value referring to `length` bytes at `start` of journal record `seq`."""
+    return _BLOCK_REF.pack(BLOCK_REF, seq, start, length)
+
+
+def parse_block_ref(value: bytes | memoryview) -> tuple[int, int, int] | None:
+    """(seq, start, length) of a reference value; None for a value holding its bytes.
+    Raises ValueError for a value that is neither."""
+    kind = value[:1]
+    if kind == BLOCK_DATA:
+        return None
+    if kind == BLOCK_REF and len(value) == _BLOCK_REF.size:
+        _kind, seq, start, length = _BLOCK_REF.unpack(value)
+        return seq, start, length
+    raise ValueError(f"malformed block value of {len(value)} bytes beginning {bytes(value[:1])!r}")
 
 
 def xattr_key(ino: int, name: bytes) -> bytes:

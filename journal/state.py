@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import lmdb
 
-from .errors import NameTooLong, NoSuchAttribute, NotADirectory, NotFound
+from .errors import NameTooLong, NoSuchAttribute, NotADirectory, NotFound, StoreError
 from .schema import (
     BLOCK_SIZE,
     META_NEXT_INO,
@@ -23,6 +23,7 @@ from .schema import (
     block_key,
     dirent_key,
     from_u64,
+    parse_block_ref,
     u64,
     xattr_key,
 )
@@ -175,8 +176,8 @@ class FsState:
             ctypes.memset(dest + pos - offset, 0, end - pos)
         return end - offset
 
-    def _blocks_between(self, ino: int, first: int, last: int) -> Iterator[tuple[int, bytes]]:
-        """(file offset, value) of the stored blocks first..last of `ino`, in order."""
+    def _blocks_between(self, ino: int, first: int, last: int) -> Iterator[tuple[int, memoryview]]:
+        """(file offset, bytes) of the stored blocks first..last of `ino`, in order."""
         cursor = self.txn.cursor(db=self.db.blocks)
         prefix = u64(ino)
         if not cursor.set_range(block_key(ino, first)):
@@ -187,9 +188,10 @@ class FsState:
             block_no = from_u64(key[8:])
             if block_no > last:
                 return
-            yield block_no * BLOCK_SIZE, value
+            yield block_no * BLOCK_SIZE, self.block_bytes(value)
 
-    def blocks(self, ino: int) -> Iterator[tuple[int, bytes]]:
+    def blocks(self, ino: int) -> Iterator[tuple[int, memoryview]]:
+        """(block number, bytes) of every stored block of `ino`, in order."""
         prefix = u64(ino)
         cursor = self.txn.cursor(db=self.db.blocks)
         if not cursor.set_range(prefix):
@@ -197,7 +199,23 @@ class FsState:
         for key, value in cursor:
             if not key.startswith(prefix):
                 return
-            yield from_u64(key[8:]), value
+            yield from_u64(key[8:]), self.block_bytes(value)
+
+    def block_bytes(self, value: bytes | memoryview) -> memoryview:
+        """The bytes a blocks value stands for: its own, or those it refers to in the
+        journal (schema.DB_BLOCKS); a view, without a copy."""
+        try:
+            ref = parse_block_ref(value)
+        except ValueError as exc:
+            raise StoreError(f"corrupt block: {exc}") from exc
+        if ref is None:
+            return memoryview(value)[1:]
+        seq, start, length = ref
+        record = self.txn.get(u64(seq), db=self.db.journal)
+        if record is None or start + length > len(record):
+            raise StoreError(f"corrupt block: it refers to {length} bytes at {start} of journal record "
+                             f"{seq}, which the journal does not hold")
+        return memoryview(record)[start:start + length]
 
     def readlink(self, ino: int) -> bytes:
         raw = self.txn.get(u64(ino), db=self.db.symlinks)

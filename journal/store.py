@@ -33,7 +33,7 @@ from pathlib import Path
 import lmdb
 
 from . import ops
-from .apply import apply
+from .apply import apply, detach_record
 from .errors import (
     CorruptRecord,
     FsError,
@@ -71,6 +71,8 @@ DEFAULT_MAX_SIZE = 64 << 30
 GROUP_LIMIT = 256
 #: Bytes of write payload one group commit takes before it commits.
 GROUP_BYTES = 8 << 20
+#: Bytes of block data one pruning transaction copies out of records before it commits.
+PRUNE_COPY_BYTES = 4 << 20
 #: Meta key holding this node's configured size (node-local, like the role).
 META_MAX_SIZE = b"max_size"
 
@@ -525,11 +527,9 @@ class Store:
     def _apply_parts(self, txn: lmdb.Transaction, parts: list[ops.Op], seq: int) -> list[tuple[int, bytes]]:
         """Apply the parts of one call and journal them as the records after `seq`."""
         state = FsState(txn, self.db)
-        for op in parts:
-            apply(state, op)
+        for i, op in enumerate(parts, start=seq + 1):
+            apply(state, op, i)
             self._note_inode(op)
-        # Journal after state: a file's blocks get neighbouring pages, which keeps later
-        # sequential reads of it sequential on disk.
         committed = []
         for op in parts:
             seq += 1
@@ -662,7 +662,7 @@ class Store:
                             break
                         epoch = record.epoch
                         try:
-                            apply(FsState(txn, self.db), record.op)
+                            apply(FsState(txn, self.db), record.op, record.seq)
                         except FsError as exc:
                             # The primary applied it, so we must too: the states have diverged.
                             raise StoreError(
@@ -729,14 +729,17 @@ class Store:
     def prune(self, below: int, batch: int = 4096) -> int:
         """Delete journal records with seq < below, in short transactions; returns how many.
 
-        Deleting needs pages too (copies of the tree's pages, the free list), so in a full
-        store a batch can fail: then an empty commit frees what earlier ones released, and
-        the batch is retried smaller. StoreFull only if not even one record can go.
+        The bytes that blocks still refer to in a record are first copied into the blocks
+        (`detach_record`); a transaction stops after PRUNE_COPY_BYTES of such copies.
+        Deleting needs pages too (copies of the tree's pages, the free list, those copies),
+        so in a full store a batch can fail: then an empty commit frees what earlier ones
+        released, and the batch is retried smaller. StoreFull only if not even one record
+        can go.
         """
         removed = 0
         while True:
             try:
-                n = self._prune_batch(below, batch)
+                n, more = self._prune_batch(below, batch)
             except lmdb.MapFullError as exc:
                 with self._write_lock:
                     self._advance()
@@ -745,21 +748,28 @@ class Store:
                 batch = max(1, batch // 8)
                 continue
             removed += n
-            if n < batch:
+            if not more:
                 return removed
 
-    def _prune_batch(self, below: int, batch: int) -> int:
+    def _prune_batch(self, below: int, batch: int) -> tuple[int, bool]:
+        """Prune up to `batch` records below `below` in one transaction; returns how many,
+        and whether more may go."""
         with self._write_lock, self.env.begin(write=True) as txn:
+            state = FsState(txn, self.db)
             cursor = txn.cursor(db=self.db.journal)
-            n = 0
-            if cursor.first():
-                while n < batch and from_u64(cursor.key()) < below:
-                    if not cursor.delete():
-                        break
-                    n += 1
-                    if not cursor.key():
-                        break
-        return n
+            n = copied = 0
+            if not cursor.first():
+                return 0, False
+            while (seq := from_u64(cursor.key())) < below:
+                if n >= batch or copied >= PRUNE_COPY_BYTES:
+                    return n, True
+                copied += detach_record(state, seq, cursor.value())
+                if not cursor.delete():
+                    return n, False
+                n += 1
+                if not cursor.key():
+                    return n, False
+        return n, False
 
     def make_read_only(self, reason: str) -> None:
         """Refuse every later write with EROFS (a standby, or a primary that was fenced)."""

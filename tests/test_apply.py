@@ -6,6 +6,7 @@ consistency checker when the test ends, so each test is also a test of the invar
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import stat
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from journal import ops
+from journal.apply import detach_record
 from journal.check import digest, fsck, replay
 from journal.errors import (
     AlreadyExists,
@@ -32,8 +34,20 @@ from journal.errors import (
     NotPermitted,
     StoreFull,
 )
-from journal.records import decode_record, encode_record
-from journal.schema import BLOCK_SIZE, ROOT_INO, Inode, block_key, dirent_key, pack_epoch_history, u64
+from journal.records import WRITE_DATA_START, decode_record, encode_record
+from journal.schema import (
+    BLOCK_SIZE,
+    ROOT_INO,
+    Inode,
+    block_data_value,
+    block_key,
+    block_ref_value,
+    dirent_key,
+    pack_epoch_history,
+    parse_block_ref,
+    u64,
+)
+from journal.state import FsState
 from journal.store import Store, split_write
 
 BS = BLOCK_SIZE
@@ -699,8 +713,10 @@ def test_full_store(make_store, group_commit: bool) -> None:
     assert blocks >= 2
     assert fs.read(filler) == b"".join(pattern(BS, i) for i in range(blocks))
 
-    # Deleting the file frees its blocks for later writes.
+    # Deleting the file frees its blocks for later writes, once the journal that holds
+    # their bytes goes: as on a node, a full store prunes what nobody needs.
     fs.unlink(ROOT_INO, b"filler")
+    store.on_full = lambda: store.prune(store.last_seq + 1)
     moderate = max(1, blocks // 3)
     try:
         fs.write(big, 0, pattern(moderate * BS))
@@ -783,12 +799,23 @@ def _raw_put(store: Store, db: object, key: bytes, value: bytes | None) -> None:
             txn.put(key, value, db=db)
 
 
+def _raw_get(store: Store, db: object, key: bytes) -> bytes:
+    with store.env.begin() as txn:
+        value = txn.get(key, db=db)
+    assert value is not None
+    return value
+
+
 @pytest.mark.parametrize("damage, expected", [
     ("orphan", "orphan"),
     ("nlink", "nlink"),
     ("dangling dirent", "names missing inode"),
     ("block past size", "past the file size"),
     ("long block", "more than a block"),
+    ("malformed block", "malformed block value"),
+    ("dangling block reference", "which the journal does not hold"),
+    ("block reference to another op", "not a write to that inode"),
+    ("block reference off its start", "not at the block's start"),
     ("missing symlink", "has no target"),
     ("directory parent", "records parent"),
     ("directory cycle", "not reachable"),
@@ -826,7 +853,17 @@ def test_fsck_reports_damage(tmp_path: Path, damage: str, expected: str) -> None
         elif damage == "block past size":
             _raw_put(store, db.inodes, u64(f), _with(node, size=BS).pack())
         elif damage == "long block":
-            _raw_put(store, db.blocks, block_key(f, 0), bytes(BS + 1))
+            _raw_put(store, db.blocks, block_key(f, 0), block_data_value(bytes(BS + 1)))
+        elif damage == "malformed block":
+            _raw_put(store, db.blocks, block_key(f, 0), b"Zjunk")
+        elif damage == "dangling block reference":
+            _raw_put(store, db.blocks, block_key(f, 0), block_ref_value(9999, WRITE_DATA_START, 10))
+        elif damage == "block reference to another op":
+            _raw_put(store, db.blocks, block_key(f, 0), block_ref_value(2, WRITE_DATA_START, 1))
+        elif damage == "block reference off its start":
+            ref = parse_block_ref(_raw_get(store, db.blocks, block_key(f, 0)))
+            assert ref is not None  # a write that covered the whole block refers to its record
+            _raw_put(store, db.blocks, block_key(f, 0), block_ref_value(ref[0], ref[1] + 1, 100))
         elif damage == "missing symlink":
             _raw_put(store, db.symlinks, u64(s), None)
         elif damage == "directory parent":
@@ -852,7 +889,7 @@ def test_fsck_reports_damage(tmp_path: Path, damage: str, expected: str) -> None
         elif damage == "xattr of nobody":
             _raw_put(store, db.xattrs, u64(777) + b"user.x", b"v")
         elif damage == "block of a directory":
-            _raw_put(store, db.blocks, block_key(a, 0), b"x")
+            _raw_put(store, db.blocks, block_key(a, 0), block_data_value(b"x"))
         elif damage == "symlink size":
             _raw_put(store, db.inodes, u64(s), _with(fs.inode(s), size=7).pack())
         elif damage == "dirent names the root":
@@ -1017,6 +1054,17 @@ def test_random_op_sequences(data: st.DataObject, n_ops: int) -> None:
                 assert record.seq == seq
                 assert encode_record(record.cluster_id, record.epoch, record.seq, record.op) == raw
 
+            # Pruning any part of the journal changes nothing of the state: the bytes blocks
+            # referred to in pruned records are copied into them.
+            state = digest(store)
+            store.prune(data.draw(st.integers(1, store.last_seq + 1), label="prune below"))
+            assert digest(store) == state
+            assert fsck(store) == []
+            with store.reader() as state_now:
+                for ino, expected in contents.items():
+                    with contextlib.suppress(NotFound):
+                        assert state_now.read(ino, 0, state_now.inode(ino).size) == bytes(expected)
+
 
 def test_replay_refuses_a_pruned_journal(store: Store, tmp_path: Path) -> None:
     fs = Fs(store)
@@ -1032,6 +1080,69 @@ def test_replay_of_a_fresh_store(store: Store, tmp_path: Path) -> None:
         assert copy.cluster_id == store.cluster_id
         assert copy.last_seq == 1 and digest(copy) == digest(store)
         assert fsck(copy) == []
+
+
+def _block_kinds(store: Store, ino: int) -> dict[int, str]:
+    """Block number -> "ref" (its bytes are in a journal record) or "data" (its own)."""
+    with store.env.begin() as txn:
+        cursor = txn.cursor(db=store.db.blocks)
+        kinds = {}
+        if cursor.set_range(u64(ino)):
+            for key, value in cursor:
+                if key[:8] != u64(ino):
+                    break
+                kinds[int.from_bytes(key[8:], "big")] = "data" if parse_block_ref(value) is None else "ref"
+        return kinds
+
+
+def test_whole_block_writes_refer_to_the_journal_until_pruned(make_store) -> None:
+    store = make_store()
+    fs = Fs(store)
+    f = fs.create(ROOT_INO, b"f")
+    expected = bytearray(pattern(2 * BS + 100))
+    fs.write(f, 0, bytes(expected))  # two whole blocks and the file's last bytes: stored once
+    assert _block_kinds(store, f) == {0: "ref", 1: "ref", 2: "ref"}
+    fs.write(f, 10, b"xyz")  # a read-modify-write: the block holds its own bytes
+    expected[10:13] = b"xyz"
+    assert _block_kinds(store, f) == {0: "data", 1: "ref", 2: "ref"}
+    fs.truncate(f, BS + 7)  # the last block still refers, to fewer bytes
+    del expected[BS + 7:]
+    assert _block_kinds(store, f) == {0: "data", 1: "ref"}
+    assert fs.read(f) == expected and fsck(store) == []
+
+    state = digest(store)
+    assert store.prune(store.last_seq + 1) == store.last_seq
+    assert store.counts()["journal_records"] == 0
+    assert _block_kinds(store, f) == {0: "data", 1: "data"}
+    assert fs.read(f) == expected
+    assert digest(store) == state  # where a block's bytes are is not part of the state
+
+    fs.write(f, BS, pattern(BS, 3))  # after the prune, a new whole-block write refers again
+    assert _block_kinds(store, f) == {0: "data", 1: "ref"}
+    assert fs.read(f) == expected[:BS] + pattern(BS, 3)
+
+
+def test_pruning_copies_only_the_bytes_blocks_still_refer_to(make_store) -> None:
+    store = make_store()
+    fs = Fs(store)
+    f = fs.create(ROOT_INO, b"f")
+    fs.write(f, 0, pattern(BS, 1))
+    first = store.last_seq
+    fs.write(f, 0, pattern(BS, 2))  # the block now refers to this record, not the first
+    second = store.last_seq
+    fs.write(f, BS, pattern(5, 3))
+    g = fs.create(ROOT_INO, b"g")
+    fs.write(g, 0, pattern(BS, 4))
+    gone = store.last_seq
+    fs.unlink(ROOT_INO, b"g")
+    txn = store.env.begin(write=True)
+    try:
+        state = FsState(txn, store.db)
+        assert [detach_record(state, seq, txn.get(u64(seq), db=store.db.journal))
+                for seq in (first, second, second + 1, gone)] == [0, BS, 5, 0]
+        assert detach_record(state, second, txn.get(u64(second), db=store.db.journal)) == 0  # done
+    finally:
+        txn.abort()
 
 
 def test_multi_block_write_becomes_one_record_per_block(make_store) -> None:
