@@ -72,9 +72,9 @@ def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
         return 0
     ino, offset = _WRITE_HEAD.unpack_from(record, HEADER_SIZE)
     (length,) = _WRITE_LEN.unpack_from(record, WRITE_DATA_START - _WRITE_LEN.size)
-    copied = 0
     if length <= 0:
         return 0
+    copied = 0
     view = memoryview(record)
     txn, blocks = state.txn, state.db.blocks
     for block_no in range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1):
