@@ -394,6 +394,44 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from journal.checkpoints import CHECKPOINT_DIR
+    from journal.errors import StoreError
+    from journal.store import is_store
+    from journal.upgrade import upgrade
+    from replica.control import DataDirBusy, NodeLock
+    from replica.standby import INCOMING
+
+    data = Path(args.data)
+    if not is_store(data):
+        log.error("%s holds no store", data)
+        return 2
+    try:
+        lock = NodeLock(data)
+    except DataDirBusy:
+        log.error("a node runs on %s: stop it first", data)
+        return 2
+    try:
+        print(upgrade(data))
+        # Checkpoints are stores too (the snapshots standbys bootstrap from).
+        for checkpoint in sorted((data / CHECKPOINT_DIR).glob("*/data.mdb")):
+            print(upgrade(checkpoint.parent))
+        incoming = data / INCOMING
+        if incoming.exists():
+            # A snapshot half downloaded in the old format: the next one is fetched afresh.
+            shutil.rmtree(incoming)
+            print(f"{incoming}: removed a partly downloaded snapshot")
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        lock.release()
+    return 0
+
+
 def _digest_of(data: str, timeout: float):
     """The StateDigest of the store in `data`: through its node if one runs, else offline."""
     from journal.check import StateDigest, digest
@@ -673,6 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Check every invariant of a store; exits 1 on any violation.")
     p.add_argument("--data", required=True, metavar="DIR")
     p.set_defaults(func=cmd_fsck)
+
+    p = verbs.add_parser("upgrade", help="bring a store written by an older tandemfs to this format",
+                         description="Upgrade, in place, the store in DIR (and its checkpoints) to this "
+                         "version's format. The node must be stopped; upgrade every node of a cluster "
+                         "before starting any. An interrupted upgrade goes on where it stopped when run "
+                         "again; on a store already at this format it does nothing.")
+    p.add_argument("--data", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_upgrade)
 
     p = verbs.add_parser("digest", help="print a digest of the filesystem state",
                          description="Print a SHA-256 digest of the filesystem state (not the journal) "

@@ -200,9 +200,24 @@ def inspect_environment(path: str | os.PathLike) -> tuple[bytes, int, int]:
                 epoch = txn.get(META_EPOCH, db=meta)
     except lmdb.Error as exc:
         raise StoreError(f"{path}: not a readable store: {exc}") from exc
-    if fmt is None or from_u64(fmt) != FORMAT_VERSION or cluster_id is None or last_seq is None:
-        raise StoreError(f"{path}: not a tandemfs store of format {FORMAT_VERSION}")
+    if fmt is None or from_u64(fmt) != FORMAT_VERSION:
+        raise StoreError(_format_problem(path, fmt))
+    if cluster_id is None or last_seq is None:
+        raise StoreError(f"{path}: not a tandemfs store (no cluster id or last seq)")
     return bytes(cluster_id), from_u64(last_seq), from_u64(epoch) if epoch else 1
+
+
+def _format_problem(path: str | os.PathLike, fmt: bytes | None) -> str:
+    """What to tell of a store whose format is not this version's."""
+    if fmt is None or len(fmt) != 8:
+        return f"{path}: not a tandemfs store (no format version)"
+    found = from_u64(fmt)
+    if found < FORMAT_VERSION:
+        return (f"{path}: store format {found} was written by an older tandemfs (this one uses format "
+                f"{FORMAT_VERSION}); stop every node of the cluster and run `mount.py upgrade --data DIR` "
+                f"on each")
+    return (f"{path}: store format {found} was written by a newer tandemfs (this one uses format "
+            f"{FORMAT_VERSION})")
 
 
 def split_write(op: ops.Op) -> list[ops.Op]:
@@ -273,7 +288,7 @@ class Store:
         with self.env.begin() as txn:
             fmt = txn.get(META_FORMAT, db=self.db.meta)
             if fmt is None or from_u64(fmt) != FORMAT_VERSION:
-                raise StoreError(f"{self.path}: unsupported store format {fmt!r}")
+                raise StoreError(_format_problem(self.path, fmt))
             self.cluster_id: bytes = bytes(txn.get(META_CLUSTER_ID, db=self.db.meta))
             stored_size = txn.get(META_MAX_SIZE, db=self.db.meta)
         self.max_size = max_size or (from_u64(stored_size) if stored_size else DEFAULT_MAX_SIZE)

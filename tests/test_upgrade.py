@@ -1,0 +1,153 @@
+"""Upgrading a store of an older format in place (journal/upgrade.py, `mount.py upgrade`)."""
+
+from __future__ import annotations
+
+import stat
+import struct
+import zlib
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from journal import ops, upgrade
+from journal.check import digest, fsck
+from journal.errors import StoreError
+from journal.schema import META_FORMAT, ROOT_INO, Databases, u64
+from journal.state import FsState
+from journal.store import Store
+from replica.control import NodeLock
+from tests.mounts import run_cli
+
+BS = 64 * 1024
+_CRC = struct.Struct(">I")
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite the closed store at `path` as format 1 had it: a block's value was its
+    bytes (never a reference), and a record's version byte said 1."""
+    with lmdb.open(str(path), max_dbs=16, map_size=1 << 30) as env:
+        db = Databases(env, create=False)
+        with env.begin(write=True) as txn:
+            state = FsState(txn, db)
+            blocks = [(bytes(k), bytes(state.block_bytes(v))) for k, v in txn.cursor(db=db.blocks)]
+            for key, data in blocks:
+                txn.put(key, data, db=db.blocks)
+            for key, raw in list(txn.cursor(db=db.journal)):
+                old = bytearray(raw)
+                old[2] = 1
+                end = len(old) - _CRC.size
+                _CRC.pack_into(old, end, zlib.crc32(memoryview(old)[:end]))
+                txn.put(key, bytes(old), db=db.journal)
+            txn.put(META_FORMAT, u64(1), db=db.meta)
+
+
+def _contents(store: Store) -> dict[bytes, bytes]:
+    out = {}
+    with store.reader() as state:
+        for name, ino in state.entries(ROOT_INO):
+            node = state.inode(ino)
+            if stat.S_ISREG(node.mode):
+                out[bytes(name)] = state.read(ino, 0, node.size)
+    return out
+
+
+def _populate(path: Path) -> tuple[tuple, dict[bytes, bytes], tuple]:
+    """A store with blocks of both kinds, records and a checkpoint; returns the digests of
+    the store and of the checkpoint, and the files' contents."""
+    with Store.create(path, max_size=256 << 20) as store:
+        t = iter(range(10**6))
+
+        def make(name: bytes) -> int:
+            ino = store.allocate_ino()
+            store.commit(ops.MakeNode(parent=ROOT_INO, ino=ino, mode=stat.S_IFREG | 0o644, rdev=0,
+                                      uid=0, gid=0, time_ns=next(t), name=name))
+            return ino
+
+        a, b = make(b"a"), make(b"b")
+        store.commit(ops.Write(ino=a, offset=0, time_ns=next(t), data=bytes(range(256)) * (3 * BS // 256)))
+        store.commit(ops.Write(ino=a, offset=BS + 7, time_ns=next(t), data=b"partial"))
+        store.commit(ops.Truncate(ino=a, size=2 * BS + 3, time_ns=next(t)))
+        store.commit(ops.SetXattr(ino=a, flags=0, time_ns=next(t), name=b"user.k", value=b"v"))
+        store.prune(store.last_seq - 2)  # a's blocks now hold their bytes; b's will refer to records
+        store.commit(ops.Write(ino=b, offset=0, time_ns=next(t), data=b"b" * (BS + 11)))
+        store.checkpoint(path / "checkpoints" / "tmp")
+        (path / "checkpoints" / "tmp").rename(path / "checkpoints" / str(store.last_seq))
+        store.commit(ops.Write(ino=b, offset=5, time_ns=next(t), data=b"after the checkpoint"))
+        return digest(store), _contents(store), _checkpoint_digest(path)
+
+
+def _checkpoint_digest(path: Path) -> tuple:
+    (checkpoint,) = (path / "checkpoints").glob("[0-9]*")
+    with Store(checkpoint, readonly=True) as store:
+        return digest(store)
+
+
+def _entries(path: Path) -> tuple[int, int]:
+    """(blocks, journal records) of the closed store at `path`."""
+    with lmdb.open(str(path), max_dbs=16, readonly=True, lock=False) as env:
+        db = Databases(env, create=False)
+        with env.begin() as txn:
+            return txn.stat(db.blocks)["entries"], txn.stat(db.journal)["entries"]
+
+
+def test_upgrade_of_a_format_1_store(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    state, contents, checkpoint_state = _populate(data)
+    (checkpoint,) = (data / "checkpoints").glob("[0-9]*")
+    _as_format_1(data)
+    _as_format_1(checkpoint)
+    with pytest.raises(StoreError, match="format 1 was written by an older tandemfs.*mount.py upgrade"):
+        Store(data)
+
+    (blocks, records), (cp_blocks, cp_records) = _entries(data), _entries(checkpoint)
+    assert blocks == cp_blocks == 5 and records > 1 and cp_records > 1
+
+    result = run_cli("upgrade", "--data", str(data))
+    assert result.stdout.splitlines() == [
+        f"{data}: format 1 -> 2 ({blocks} blocks, {records} journal records)",
+        f"{checkpoint}: format 1 -> 2 ({cp_blocks} blocks, {cp_records} journal records)",
+    ]
+    with Store(data) as store:
+        assert fsck(store) == []
+        assert digest(store) == state
+        assert _contents(store) == contents
+    assert _checkpoint_digest(data) == checkpoint_state
+
+    again = run_cli("upgrade", "--data", str(data))
+    assert again.stdout.splitlines() == [f"{data}: already at format 2", f"{checkpoint}: already at format 2"]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_an_interrupted_upgrade_goes_on_where_it_stopped(tmp_path: Path, monkeypatch, steps: int) -> None:
+    data = tmp_path / "data"
+    state, contents, _ = _populate(data)
+    _as_format_1(data)
+    monkeypatch.setattr(upgrade, "BATCH_BYTES", 1)  # one value per transaction
+    report = upgrade.UpgradeReport(data, 1)
+    run = upgrade.upgrade_steps(report)
+    for _ in range(steps):  # blocks (5), then records: stopped between two transactions
+        next(run)
+    run.close()
+    assert upgrade.store_format(data) == 1
+    assert 0 < report.blocks + report.records == steps
+
+    finished = upgrade.upgrade(data)
+    assert finished.from_format == 1
+    with Store(data) as store:
+        assert fsck(store) == []
+        assert digest(store) == state
+        assert _contents(store) == contents
+
+
+def test_upgrade_refuses_a_store_in_use(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _populate(data)
+    _as_format_1(data)
+    lock = NodeLock(data)  # what a running node holds
+    try:
+        result = run_cli("upgrade", "--data", str(data), check=False)
+    finally:
+        lock.release()
+    assert result.returncode == 2 and "stop it first" in result.stderr
+    assert upgrade.store_format(data) == 1
