@@ -107,9 +107,10 @@ MAGIC = b"TR"
 #: Where a journal record's header holds its cluster id (journal/records.py: bytes 20..36).
 _RECORD_CLUSTER = slice(HEADER_SIZE - 20, HEADER_SIZE - 4)
 #: 2: RECORDS carries a flags byte (RECORDS_FLUSH), FLUSH is new, and WELCOME carries the
-#: primary's epoch history. A node of another version drops every message as "version"
-#: (counted in status), so nodes of both versions never half-understand each other.
-VERSION = 2
+#: primary's epoch history. 3: the records carried are of store format 2 (schema.py). A
+#: node of another version drops every message as "version" (counted in status, and
+#: logged), so nodes of both versions never half-understand each other.
+VERSION = 3
 CLUSTER_ID_SIZE = 16
 NO_CLUSTER = bytes(CLUSTER_ID_SIZE)
 _ENVELOPE = struct.Struct(">2sBB16sQ")
