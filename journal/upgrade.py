@@ -28,7 +28,7 @@ from pathlib import Path
 import lmdb
 
 from .errors import CorruptRecord, StoreError
-from .records import HEADER_SIZE, OVERHEAD
+from .records import OVERHEAD
 from .schema import BLOCK_DATA, FORMAT_VERSION, META_FORMAT, Databases, from_u64, u64
 
 log = logging.getLogger(__name__)
@@ -167,5 +167,3 @@ def _restamp_records(env: lmdb.Environment, db: Databases, start: bytes) -> tupl
             txn.put(key, raw, db=db.journal)
         return len(batch), (u64(from_u64(batch[-1][0]) + 1) if batch else start)
 
-
-assert HEADER_SIZE > _VERSION_AT
