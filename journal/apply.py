@@ -67,16 +67,19 @@ def apply(state: FsState, op: ops.Op, seq: int | None = None) -> None:
 
 def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
     """Before journal record `seq` (the bytes `record`) is deleted: copy the bytes that
-    blocks still refer to in it into those blocks. Returns how many bytes were copied."""
+    blocks still refer to in it into those blocks. Returns how many bytes were copied.
+
+    `record` may be a view of the map (a transaction begun with buffers=True, which
+    spares pruning a copy of every record): it is read in full before the first write."""
     if len(record) < WRITE_DATA_START or record[3] != ops.Write.CODE:
         return 0
     ino, offset = _WRITE_HEAD.unpack_from(record, HEADER_SIZE)
     (length,) = _WRITE_LEN.unpack_from(record, WRITE_DATA_START - _WRITE_LEN.size)
     if length <= 0:
         return 0
-    copied = 0
     view = memoryview(record)
     txn, blocks = state.txn, state.db.blocks
+    copies = []
     for block_no in range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1):
         key = block_key(ino, block_no)
         value = txn.get(key, db=blocks)
@@ -86,9 +89,10 @@ def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
         if ref is None or ref[0] != seq:
             continue
         _seq, start, size = ref
-        txn.put(key, block_data_value(view[start:start + size]), db=blocks)
-        copied += size
-    return copied
+        copies.append((key, block_data_value(view[start:start + size])))
+    for key, value in copies:
+        txn.put(key, value, db=blocks)
+    return sum(len(value) - 1 for _key, value in copies)
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -774,7 +774,9 @@ class Store:
     def _prune_batch(self, below: int, batch: int) -> tuple[int, bool]:
         """Prune up to `batch` records below `below` in one transaction; returns how many,
         and whether more may go."""
-        with self._write_lock, self.env.begin(write=True) as txn:
+        # buffers=True: a record is looked at, rarely copied (detach_record reads it whole
+        # before it writes); the key is read before the cursor deletes.
+        with self._write_lock, self.env.begin(write=True, buffers=True) as txn:
             state = FsState(txn, self.db)
             cursor = txn.cursor(db=self.db.journal)
             n = copied = 0
