@@ -398,6 +398,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
+    import lmdb
+
     from journal.checkpoints import CHECKPOINT_DIR
     from journal.errors import StoreError
     from journal.store import is_store
@@ -424,8 +426,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             # A snapshot half downloaded in the old format: the next one is fetched afresh.
             shutil.rmtree(incoming)
             print(f"{incoming}: removed a partly downloaded snapshot")
-    except StoreError as exc:
-        log.error("%s", exc)
+    except (StoreError, lmdb.Error) as exc:
+        log.error("upgrade of %s stopped (run it again to go on): %s", data, exc)
         return 1
     finally:
         lock.release()
