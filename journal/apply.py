@@ -10,7 +10,6 @@ transaction that is aborted on any exception, so an invalid op leaves no trace.
 from __future__ import annotations
 
 import stat
-import struct
 from collections.abc import Callable
 
 from . import ops
@@ -27,7 +26,7 @@ from .errors import (
     NotFound,
     NotPermitted,
 )
-from .records import HEADER_SIZE, WRITE_DATA_START
+from .records import WRITE_DATA_START, peek_write
 from .schema import (
     BLOCK_SIZE,
     META_NEXT_INO,
@@ -45,10 +44,6 @@ from .schema import (
     xattr_key,
 )
 from .state import FsState, check_name
-
-#: A Write record's ino and offset, at HEADER_SIZE, and its data's length, just before the data.
-_WRITE_HEAD = struct.Struct(">qq")
-_WRITE_LEN = struct.Struct(">I")
 
 #: Largest file size: keeps block numbers and offsets far inside signed 64-bit.
 MAX_FILE_SIZE = 1 << 50
@@ -71,12 +66,10 @@ def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
 
     `record` may be a view of the map (a transaction begun with buffers=True, which
     spares pruning a copy of every record): it is read in full before the first write."""
-    if len(record) < WRITE_DATA_START or record[3] != ops.Write.CODE:
+    extent = peek_write(record)
+    if extent is None or not extent[2]:
         return 0
-    ino, offset = _WRITE_HEAD.unpack_from(record, HEADER_SIZE)
-    (length,) = _WRITE_LEN.unpack_from(record, WRITE_DATA_START - _WRITE_LEN.size)
-    if length <= 0:
-        return 0
+    ino, offset, length = extent
     view = memoryview(record)
     txn, blocks = state.txn, state.db.blocks
     copies = []

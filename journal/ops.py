@@ -228,6 +228,15 @@ assert _CODECS[Write].bytes_names == ["data"]
 WRITE_DATA_OFFSET = _CODECS[Write].ints.size + _LEN.size
 
 
+def write_extent(payload: bytes | memoryview, at: int = 0) -> tuple[int, int, int]:
+    """(ino, offset, data length) of the Write payload encoded at `at` of `payload`,
+    without decoding (copying) its data."""
+    codec = _CODECS[Write]
+    ints = dict(zip(codec.int_names, codec.ints.unpack_from(payload, at), strict=True))
+    (length,) = _LEN.unpack_from(payload, at + codec.ints.size)
+    return ints["ino"], ints["offset"], length
+
+
 def decode_op(code: int, payload: bytes | memoryview) -> Op:
     codec = _BY_CODE.get(code)
     if codec is None:

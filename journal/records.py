@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from .errors import CorruptRecord
-from .ops import WRITE_DATA_OFFSET, Op, decode_op
+from .ops import WRITE_DATA_OFFSET, Op, Write, decode_op, write_extent
 from .schema import FORMAT_VERSION
 
 MAGIC = b"TJ"
@@ -34,6 +34,16 @@ HEADER_SIZE = _HEADER.size
 OVERHEAD = _HEADER.size + _CRC.size
 #: Where a Write's data begins in its record: blocks refer to it there (schema.BLOCK_REF).
 WRITE_DATA_START = HEADER_SIZE + WRITE_DATA_OFFSET
+#: Where the header holds the format version and the operation code.
+_VERSION_AT = len(MAGIC)
+_CODE_AT = _VERSION_AT + 1
+
+
+def record_version(raw: bytes | memoryview) -> int:
+    """The format version a record says it is of, without verifying it."""
+    if len(raw) < OVERHEAD:
+        raise CorruptRecord(f"record of {len(raw)} bytes is shorter than its header")
+    return raw[_VERSION_AT]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,28 @@ def peek_header(raw: bytes | memoryview) -> tuple[int, int]:
         raise CorruptRecord("record shorter than its header")
     _magic, _version, _code, epoch, seq, _cid, _n = _HEADER.unpack_from(raw, 0)
     return epoch, seq
+
+
+def peek_write(raw: bytes | memoryview) -> tuple[int, int, int] | None:
+    """(ino, offset, data length) of a Write record, None for a record of another op;
+    without verifying it or copying its data (the journal's own records, e.g. to prune)."""
+    if len(raw) < WRITE_DATA_START or raw[_CODE_AT] != Write.CODE:
+        return None
+    return write_extent(raw, HEADER_SIZE)
+
+
+def restamp(raw: bytes | memoryview, version: int) -> bytes:
+    """The record `raw`, of any format version, stamped as of `version` with its CRC
+    recomputed; raises CorruptRecord if its checksum does not hold (for upgrades)."""
+    if len(raw) < OVERHEAD:
+        raise CorruptRecord(f"record of {len(raw)} bytes is shorter than its header")
+    end = len(raw) - _CRC.size
+    if zlib.crc32(raw[:end]) != _CRC.unpack_from(raw, end)[0]:
+        raise CorruptRecord(f"checksum mismatch in record seq {peek_header(raw)[1]}")
+    stamped = bytearray(raw)
+    stamped[_VERSION_AT] = version
+    _CRC.pack_into(stamped, end, zlib.crc32(memoryview(stamped)[:end]))
+    return bytes(stamped)
 
 
 def decode_record(raw: bytes | memoryview) -> Record:

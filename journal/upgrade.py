@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +26,9 @@ from pathlib import Path
 import lmdb
 
 from .errors import CorruptRecord, StoreError
-from .records import OVERHEAD
-from .schema import BLOCK_DATA, FORMAT_VERSION, META_FORMAT, Databases, from_u64, u64
+from .records import record_version, restamp
+from .schema import BLOCK_DATA, DB_META, FORMAT_VERSION, META_FORMAT, Databases, from_u64, u64
+from .store import META_MAX_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +36,6 @@ log = logging.getLogger(__name__)
 META_UPGRADE_BLOCKS = b"upgrade_blocks_done_to"
 #: Bytes of values one upgrade transaction rewrites.
 BATCH_BYTES = 16 << 20
-_CRC = struct.Struct(">I")
-_VERSION_AT = 2  # records.py: magic (2 bytes), then the format version
 
 
 @dataclass
@@ -58,7 +55,7 @@ class UpgradeReport:
 def store_format(path: str | os.PathLike) -> int:
     """The format of the store in directory `path`, which must not be open in this process."""
     with lmdb.open(str(path), max_dbs=16, readonly=True, lock=False, subdir=True) as env:
-        meta = env.open_db(b"meta", create=False)
+        meta = env.open_db(DB_META, create=False)
         with env.begin() as txn:
             raw = txn.get(META_FORMAT, db=meta)
     if raw is None:
@@ -83,11 +80,14 @@ def upgrade(path: str | os.PathLike) -> UpgradeReport:
 def upgrade_steps(report: UpgradeReport) -> Iterator[None]:
     """The upgrade of format 1 as a generator that yields after each committed
     transaction: stopping it between two steps is what an interruption leaves."""
-    env = lmdb.open(str(report.path), map_size=max(_stored_max_size(report.path),
-                                                   (report.path / "data.mdb").stat().st_size),
+    env = lmdb.open(str(report.path), map_size=(report.path / "data.mdb").stat().st_size,
                     max_dbs=16, subdir=True)
     try:
         db = Databases(env, create=False)
+        with env.begin() as txn:
+            max_size = txn.get(META_MAX_SIZE, db=db.meta)
+        if max_size is not None and from_u64(max_size) > env.info()["map_size"]:
+            env.set_mapsize(from_u64(max_size))  # room to rewrite in, up to the store's size
         while n := _tag_blocks(env, db):
             report.blocks += n
             yield
@@ -105,14 +105,6 @@ def upgrade_steps(report: UpgradeReport) -> Iterator[None]:
         yield
     finally:
         env.close()
-
-
-def _stored_max_size(path: Path) -> int:
-    with lmdb.open(str(path), max_dbs=16, readonly=True, lock=False, subdir=True) as env:
-        meta = env.open_db(b"meta", create=False)
-        with env.begin() as txn:
-            raw = txn.get(b"max_size", db=meta)
-    return from_u64(raw) if raw else 0
 
 
 def _tag_blocks(env: lmdb.Environment, db: Databases) -> int:
@@ -148,18 +140,13 @@ def _restamp_records(env: lmdb.Environment, db: Databases, start: bytes) -> tupl
         if not cursor.set_range(start):
             return 0, start
         for key, raw in cursor:
-            if len(raw) < OVERHEAD:
-                raise CorruptRecord(f"journal record {from_u64(key)} is shorter than its header")
-            if raw[_VERSION_AT] == FORMAT_VERSION:
-                continue
-            end = len(raw) - _CRC.size
-            if zlib.crc32(raw[:end]) != _CRC.unpack_from(raw, end)[0]:
-                raise CorruptRecord(f"checksum mismatch in journal record {from_u64(key)}: fsck the "
-                                    "store with the tandemfs that wrote it")
-            stamped = bytearray(raw)
-            stamped[_VERSION_AT] = FORMAT_VERSION
-            _CRC.pack_into(stamped, end, zlib.crc32(memoryview(stamped)[:end]))
-            batch.append((key, bytes(stamped)))
+            try:
+                if record_version(raw) == FORMAT_VERSION:
+                    continue
+                batch.append((key, restamp(raw, FORMAT_VERSION)))
+            except CorruptRecord as exc:
+                raise CorruptRecord(f"journal record {from_u64(key)}: {exc}: fsck the store with the "
+                                    "tandemfs that wrote it") from exc
             size += len(raw)
             if size >= BATCH_BYTES:
                 break

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import stat
-import struct
-import zlib
 from pathlib import Path
 
 import lmdb
@@ -13,6 +11,7 @@ import pytest
 from journal import ops, upgrade
 from journal.check import digest, fsck
 from journal.errors import StoreError
+from journal.records import restamp
 from journal.schema import META_FORMAT, ROOT_INO, Databases, u64
 from journal.state import FsState
 from journal.store import Store
@@ -20,7 +19,6 @@ from replica.control import NodeLock
 from tests.mounts import run_cli
 
 BS = 64 * 1024
-_CRC = struct.Struct(">I")
 
 
 def _as_format_1(path: Path) -> None:
@@ -34,11 +32,7 @@ def _as_format_1(path: Path) -> None:
             for key, data in blocks:
                 txn.put(key, data, db=db.blocks)
             for key, raw in list(txn.cursor(db=db.journal)):
-                old = bytearray(raw)
-                old[2] = 1
-                end = len(old) - _CRC.size
-                _CRC.pack_into(old, end, zlib.crc32(memoryview(old)[:end]))
-                txn.put(key, bytes(old), db=db.journal)
+                txn.put(key, restamp(raw, 1), db=db.journal)
             txn.put(META_FORMAT, u64(1), db=db.meta)
 
 
