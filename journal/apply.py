@@ -73,6 +73,7 @@ def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
     view = memoryview(record)
     txn, blocks = state.txn, state.db.blocks
     copies = []
+    copied = 0
     for block_no in range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1):
         key = block_key(ino, block_no)
         value = txn.get(key, db=blocks)
@@ -83,9 +84,10 @@ def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
             continue
         _seq, start, size = ref
         copies.append((key, block_data_value(view[start:start + size])))
+        copied += size
     for key, value in copies:
         txn.put(key, value, db=blocks)
-    return sum(len(value) - 1 for _key, value in copies)
+    return copied
 
 
 # --- helpers ----------------------------------------------------------------------------
