@@ -246,6 +246,18 @@ def _print_status(status: dict) -> None:
              f"{takeover['lacks']} announced record(s))")
     if status.get("read_only"):
         line("read-only", status["read_only"])
+    integrity = status.get("integrity")
+    if integrity:
+        damaged = integrity["damaged_found"]
+        line("DAMAGE" if integrity["unrepaired"] else "integrity",
+             f"{damaged} damaged value(s) found, {integrity['repaired']} repaired, {integrity['unrepaired']} "
+             "not repaired (never served)" if damaged else "no damage found")
+        for case in integrity["recent"]:
+            line("  damaged", f"{case['where']}: {case['problem']}"
+                 + (" (repaired)" if case["repaired"] else ""))
+    scrub = status.get("scrub")
+    if scrub:
+        line("scrub", scrub["summary"])
     security = status.get("security")
     if security and (status["role"] == "standby" or status.get("replication")):
         line("security", _describe_security(security, status["role"]))
@@ -310,7 +322,7 @@ def _print_status(status: dict) -> None:
             snap = standby["snapshot"]
             line("snapshot", f"{snap['snap_id']}: {snap['received']} of {snap['size']} bytes")
         if standby.get("error"):
-            line("error", standby["error"])
+            line("STOPPED FOLLOWING" if standby["state"] == "failed" else "error", standby["error"])
     line("dropped messages", ", ".join(f"{k}={v}" for k, v in sorted(status["dropped"].items())) or "none")
 
 
@@ -434,6 +446,72 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressLine:
+    """Progress of a long operation: a line redrawn in place on a terminal, a log line
+    every few seconds otherwise."""
+
+    def __init__(self, what: str) -> None:
+        import time
+
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self._clock = time.monotonic
+        self._last = 0.0
+
+    def show(self, fraction: float, text: str) -> None:
+        now = self._clock()
+        if self.tty:
+            width = 30
+            filled = int(fraction * width)
+            sys.stderr.write(f"\r{self.what} [{'#' * filled}{'.' * (width - filled)}] {text[:120]}\x1b[K")
+            sys.stderr.flush()
+        elif now - self._last >= 5:
+            self._last = now
+            log.info("%s: %s", self.what, text)
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    import time
+
+    from journal.scrub import scrub
+    from journal.store import Store
+    from replica.control import ControlError, NodeNotRunning, request
+
+    line = _ProgressLine(f"scrub {args.data}")
+    try:
+        progress = request(args.data, "scrub", timeout=args.timeout, start=True)
+        while not progress["finished"]:
+            line.show(progress["fraction"], progress["summary"])
+            time.sleep(0.5)
+            progress = request(args.data, "scrub", timeout=args.timeout)
+        line.done()
+        summary, unrepaired, remaining = progress["summary"], progress["unrepaired"], \
+            progress["damaged"] - progress["repaired"]
+        error = progress["error"]
+    except NodeNotRunning:
+        # A stopped store: checked in this process, with no peer to repair from.
+        with Store(args.data, readonly=True) as store:
+            result = scrub(store, on_progress=lambda p: line.show(p.fraction, p.summary()))
+        line.done()
+        summary, unrepaired, remaining, error = result.summary(), result.unrepaired, result.remaining, \
+            result.error
+        if remaining:
+            print("(the node is not running: nothing could be repaired; start it with its standby "
+                  "attached and scrub again)")
+    except ControlError as exc:
+        line.done()
+        log.error("%s", exc)
+        return 1
+    for problem in unrepaired:
+        print(f"damaged: {problem}")
+    print(f"{args.data}: scrub {summary}")
+    return 1 if remaining or error else 0
+
+
 def _digest_of(data: str, timeout: float):
     """The StateDigest of the store in `data`: through its node if one runs, else offline."""
     from journal.check import StateDigest, digest
@@ -479,7 +557,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import time
 
-    from journal.errors import StoreError
+    from journal.errors import StoreDamaged, StoreError
     from replica.control import ControlError
 
     if len(args.data) != 2:
@@ -501,6 +579,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         return 0
                     print(f"MISMATCH at seq={da.seq} epoch={da.epoch}: {a} {da.value} != {b} {db.value}")
                     return 1
+        except StoreDamaged:
+            raise  # waiting does not mend a damaged store
         except (ControlError, StoreError) as exc:
             log.warning("%s", exc)  # e.g. a standby still bootstrapping: wait
         if time.monotonic() >= deadline:
@@ -722,6 +802,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR")
     p.set_defaults(func=cmd_upgrade)
 
+    p = verbs.add_parser("scrub", help="verify every value and record of a store, repair what is damaged",
+                         description="Read and verify every value and journal record of the store in DIR "
+                         "against its checksum. Through the running node if there is one: a damaged value "
+                         "is repaired from its peer (a standby, or the primary) when the peer has it. A "
+                         "stopped store is only checked. Shows progress, prints a summary; exits 1 if "
+                         "damage remains.")
+    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long one request to the running node may take (default 10)")
+    p.set_defaults(func=cmd_scrub)
+
     p = verbs.add_parser("digest", help="print a digest of the filesystem state",
                          description="Print a SHA-256 digest of the filesystem state (not the journal) "
                          "and the seq it was taken at; equal states print equal digests. Asks the running "
@@ -746,11 +837,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from journal.errors import StoreError
+    import lmdb
+
+    from journal.errors import StoreDamaged, StoreError
     from replica.security import SecurityError
 
     try:
         return args.func(args)
+    except (StoreDamaged, lmdb.Error) as exc:
+        log.error("%s", exc)  # the store's file is the problem, not the command
+        return 1
     except (StoreError, SecurityError) as exc:
         log.error("%s", exc)
         return 2

@@ -79,7 +79,7 @@ class TandemFS(Operations):
             "st_gid": node.gid,
             "st_rdev": node.rdev,
             "st_size": node.size,
-            "st_blocks": (node.size + 511) // 512,
+            "st_blocks": node.sectors() if stat.S_ISREG(node.mode) else (node.size + 511) // 512,
             "st_blksize": BLOCK_SIZE,
             "st_atime": node.atime_ns,
             "st_mtime": node.mtime_ns,

@@ -35,13 +35,9 @@ from .schema import (
     XATTR_NAME_MAX,
     XATTR_SIZE_MAX,
     Inode,
-    block_data_value,
     block_key,
-    block_ref_value,
-    dirent_key,
     parse_block_ref,
     u64,
-    xattr_key,
 )
 from .state import FsState, check_name
 
@@ -70,23 +66,22 @@ def detach_record(state: FsState, seq: int, record: bytes | memoryview) -> int:
     if extent is None or not extent[2]:
         return 0
     ino, offset, length = extent
-    view = memoryview(record)
-    txn, blocks = state.txn, state.db.blocks
     copies = []
     copied = 0
     for block_no in range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1):
         key = block_key(ino, block_no)
-        value = txn.get(key, db=blocks)
+        value = state.block_value(key)
         if value is None:
             continue
         ref = parse_block_ref(value)
         if ref is None or ref[0] != seq:
             continue
         _seq, start, size = ref
-        copies.append((key, block_data_value(view[start:start + size])))
+        # resolve_block verifies the record before its bytes are kept for good.
+        copies.append((key, bytes(state.resolve_block(key, value))))
         copied += size
-    for key, value in copies:
-        txn.put(key, value, db=blocks)
+    for key, data in copies:
+        state.put_block_data(key, data)
     return copied
 
 
@@ -100,7 +95,7 @@ def _touch_dir(state: FsState, ino: int, time_ns: int, nlink_delta: int = 0) -> 
 
 def _bump_next_ino(state: FsState, ino: int) -> None:
     if ino >= state.next_ino():
-        state.txn.put(META_NEXT_INO, u64(ino + 1), db=state.db.meta)
+        state.put_meta(META_NEXT_INO, u64(ino + 1))
 
 
 def _new_entry_checks(state: FsState, parent: int, name: bytes, ino: int) -> None:
@@ -108,7 +103,7 @@ def _new_entry_checks(state: FsState, parent: int, name: bytes, ino: int) -> Non
     state.directory(parent)
     if state.find(parent, name) is not None:
         raise AlreadyExists(name)
-    if ino <= ROOT_INO or state.txn.get(u64(ino), db=state.db.inodes) is not None:
+    if ino <= ROOT_INO or state.has_inode(ino):
         raise InvalidArgument(f"inode number {ino} is taken")
 
 
@@ -120,13 +115,18 @@ def _delete_inode(state: FsState, ino: int) -> None:
     _delete_prefix(state, db.xattrs, u64(ino))
 
 
-def _delete_prefix(state: FsState, db: object, prefix: bytes, start: bytes | None = None) -> None:
+def _delete_prefix(state: FsState, db: object, prefix: bytes, start: bytes | None = None) -> int:
+    """Delete the keys from `start` (default: `prefix`) on that begin with `prefix`;
+    returns how many."""
     cursor = state.txn.cursor(db=db)
     if not cursor.set_range(start or prefix):
-        return
+        return 0
+    n = 0
     while cursor.key().startswith(prefix):
+        n += 1
         if not cursor.delete():
             break
+    return n
 
 
 def _drop_link(state: FsState, ino: int, time_ns: int) -> None:
@@ -142,14 +142,14 @@ def _drop_link(state: FsState, ino: int, time_ns: int) -> None:
 
 # --- handlers ---------------------------------------------------------------------------
 def _init(state: FsState, op: ops.Init) -> None:
-    if state.txn.get(u64(ROOT_INO), db=state.db.inodes) is not None:
+    if state.has_inode(ROOT_INO):
         raise AlreadyExists("root")
     root = Inode(
         mode=stat.S_IFDIR | (op.mode & 0o7777), nlink=2, uid=op.uid, gid=op.gid, rdev=0, size=0,
         atime_ns=op.time_ns, mtime_ns=op.time_ns, ctime_ns=op.time_ns, parent=ROOT_INO,
     )
     state.put_inode(ROOT_INO, root)
-    state.txn.put(META_NEXT_INO, u64(ROOT_INO + 1), db=state.db.meta)
+    state.put_meta(META_NEXT_INO, u64(ROOT_INO + 1))
 
 
 def _make_node(state: FsState, op: ops.MakeNode) -> None:
@@ -164,7 +164,7 @@ def _make_node(state: FsState, op: ops.MakeNode) -> None:
         parent=op.parent if is_dir else 0,
     )
     state.put_inode(op.ino, node)
-    state.txn.put(dirent_key(op.parent, op.name), u64(op.ino), db=state.db.dirents)
+    state.put_dirent(op.parent, op.name, op.ino)
     _touch_dir(state, op.parent, op.time_ns, 1 if is_dir else 0)
     _bump_next_ino(state, op.ino)
 
@@ -180,8 +180,8 @@ def _symlink(state: FsState, op: ops.Symlink) -> None:
         atime_ns=op.time_ns, mtime_ns=op.time_ns, ctime_ns=op.time_ns,
     )
     state.put_inode(op.ino, node)
-    state.txn.put(u64(op.ino), op.target, db=state.db.symlinks)
-    state.txn.put(dirent_key(op.parent, op.name), u64(op.ino), db=state.db.dirents)
+    state.put_symlink(op.ino, op.target)
+    state.put_dirent(op.parent, op.name, op.ino)
     _touch_dir(state, op.parent, op.time_ns)
     _bump_next_ino(state, op.ino)
 
@@ -197,7 +197,7 @@ def _link(state: FsState, op: ops.Link) -> None:
     node.nlink += 1
     node.ctime_ns = op.time_ns
     state.put_inode(op.ino, node)
-    state.txn.put(dirent_key(op.parent, op.name), u64(op.ino), db=state.db.dirents)
+    state.put_dirent(op.parent, op.name, op.ino)
     _touch_dir(state, op.parent, op.time_ns)
 
 
@@ -206,7 +206,7 @@ def _unlink(state: FsState, op: ops.Unlink) -> None:
     ino = state.lookup(op.parent, op.name)
     if stat.S_ISDIR(state.inode(ino).mode):
         raise IsADirectory(op.name)
-    state.txn.delete(dirent_key(op.parent, op.name), db=state.db.dirents)
+    state.delete_dirent(op.parent, op.name)
     _drop_link(state, ino, op.time_ns)
     _touch_dir(state, op.parent, op.time_ns)
 
@@ -217,7 +217,7 @@ def _rmdir(state: FsState, op: ops.Rmdir) -> None:
     state.directory(ino)
     if not state.is_empty_directory(ino):
         raise DirectoryNotEmpty(op.name)
-    state.txn.delete(dirent_key(op.parent, op.name), db=state.db.dirents)
+    state.delete_dirent(op.parent, op.name)
     _delete_inode(state, ino)
     _touch_dir(state, op.parent, op.time_ns, -1)
 
@@ -270,8 +270,8 @@ def _rename(state: FsState, op: ops.Rename) -> None:
             _touch_dir(state, op.new_parent, op.time_ns, -1)
         else:
             _drop_link(state, dst, op.time_ns)
-    state.txn.delete(dirent_key(op.old_parent, op.old_name), db=state.db.dirents)
-    state.txn.put(dirent_key(op.new_parent, op.new_name), u64(src), db=state.db.dirents)
+    state.delete_dirent(op.old_parent, op.old_name)
+    state.put_dirent(op.new_parent, op.new_name, src)
     src_node = state.inode(src)
     src_node.ctime_ns = op.time_ns
     moved_dir = src_is_dir and op.old_parent != op.new_parent
@@ -287,8 +287,8 @@ def _exchange(state: FsState, op: ops.Rename, src: int, dst: int) -> None:
     dst_node = state.inode(dst)
     if stat.S_ISDIR(dst_node.mode) and _is_ancestor(state, dst, op.old_parent):
         raise InvalidArgument("cannot move a directory into itself")
-    state.txn.put(dirent_key(op.old_parent, op.old_name), u64(dst), db=state.db.dirents)
-    state.txn.put(dirent_key(op.new_parent, op.new_name), u64(src), db=state.db.dirents)
+    state.put_dirent(op.old_parent, op.old_name, dst)
+    state.put_dirent(op.new_parent, op.new_name, src)
     for ino, new_parent in ((src, op.new_parent), (dst, op.old_parent)):
         node = state.inode(ino)
         node.ctime_ns = op.time_ns
@@ -319,7 +319,6 @@ def _write(state: FsState, op: ops.Write, seq: int | None = None) -> None:
         raise FileTooLarge(f"write to {end}")
     if not op.data:
         return  # POSIX: writing nothing to a regular file has no other result (no size, no times)
-    txn, blocks = state.txn, state.db.blocks
     data = memoryview(op.data)
     pos = op.offset
     while pos < end:
@@ -330,15 +329,21 @@ def _write(state: FsState, op: ops.Write, seq: int | None = None) -> None:
         if within == 0 and (take == BLOCK_SIZE or pos + take >= node.size):
             # The chunk covers everything the block holds: no read-modify-write, and
             # with the record at hand, no second copy of the bytes either.
+            if pos >= node.size or not state.has_block(key):
+                node.blocks += 1
             if seq is None:
-                txn.put(key, block_data_value(chunk), db=blocks)
+                state.put_block_data(key, chunk)
             else:
-                txn.put(key, block_ref_value(seq, WRITE_DATA_START + pos - op.offset, take), db=blocks)
+                state.put_block_ref(key, seq, WRITE_DATA_START + pos - op.offset, take)
         else:
-            value = txn.get(key, db=blocks)
-            old = state.block_bytes(value) if value is not None else memoryview(b"")
+            value = state.block_value(key)
+            if value is None:
+                node.blocks += 1
+                old = memoryview(b"")
+            else:
+                old = state.resolve_block(key, value)
             gap = bytes(max(0, within - len(old)))
-            txn.put(key, block_data_value(old[:within], gap, chunk, old[within + take:]), db=blocks)
+            state.put_block_data(key, old[:within], gap, chunk, old[within + take:])
         pos += take
     node.size = max(node.size, end)
     node.mtime_ns = node.ctime_ns = op.time_ns
@@ -353,14 +358,16 @@ def _truncate(state: FsState, op: ops.Truncate) -> None:
         keep_blocks, tail = divmod(op.size, BLOCK_SIZE)
         if tail:
             key = block_key(op.ino, keep_blocks)
-            value = state.txn.get(key, db=state.db.blocks)
-            if value is not None and len(old := state.block_bytes(value)) > tail:
+            value = state.block_value(key)
+            if value is not None and len(old := state.resolve_block(key, value)) > tail:
                 ref = parse_block_ref(value)
                 # A reference shortens without a copy; a block's own bytes are cut.
-                state.txn.put(key, block_data_value(old[:tail]) if ref is None
-                              else block_ref_value(ref[0], ref[1], tail), db=state.db.blocks)
+                if ref is None:
+                    state.put_block_data(key, old[:tail])
+                else:
+                    state.put_block_ref(key, ref[0], ref[1], tail)
             keep_blocks += 1
-        _delete_prefix(state, state.db.blocks, u64(op.ino), block_key(op.ino, keep_blocks))
+        node.blocks -= _delete_prefix(state, state.db.blocks, u64(op.ino), block_key(op.ino, keep_blocks))
     node.size = op.size
     node.mtime_ns = node.ctime_ns = op.time_ns
     state.put_inode(op.ino, node)
@@ -394,13 +401,12 @@ def _set_xattr(state: FsState, op: ops.SetXattr) -> None:
     if len(op.value) > XATTR_SIZE_MAX:
         raise AttributeTooLarge(op.name)
     node = state.inode(op.ino)
-    key = xattr_key(op.ino, op.name)
-    exists = state.txn.get(key, db=state.db.xattrs) is not None
+    exists = state.has_xattr(op.ino, op.name)
     if op.flags & ops.XATTR_CREATE and exists:
         raise AlreadyExists(op.name)
     if op.flags & ops.XATTR_REPLACE and not exists:
         raise NoSuchAttribute(op.name)
-    state.txn.put(key, op.value, db=state.db.xattrs)
+    state.put_xattr(op.ino, op.name, op.value)
     node.ctime_ns = op.time_ns
     state.put_inode(op.ino, node)
 
@@ -408,7 +414,7 @@ def _set_xattr(state: FsState, op: ops.SetXattr) -> None:
 def _remove_xattr(state: FsState, op: ops.RemoveXattr) -> None:
     _check_xattr_name(op.name)
     node = state.inode(op.ino)
-    if not state.txn.delete(xattr_key(op.ino, op.name), db=state.db.xattrs):
+    if not state.delete_xattr(op.ino, op.name):
         raise NoSuchAttribute(op.name)
     node.ctime_ns = op.time_ns
     state.put_inode(op.ino, node)

@@ -28,9 +28,15 @@ from typing import NamedTuple
 import lmdb
 
 from .errors import CorruptRecord, StoreError
+from .integrity import DamagedValue, is_sealed_ok, unseal
 from .records import WRITE_DATA_START, decode_record, peek_write
 from .schema import (
     BLOCK_SIZE,
+    DB_DIRENTS,
+    DB_INODES,
+    DB_META,
+    DB_SYMLINKS,
+    DB_XATTRS,
     FORMAT_VERSION,
     META_CLUSTER_ID,
     META_EPOCH,
@@ -49,7 +55,7 @@ from .schema import (
     unpack_epoch_history,
 )
 from .state import FsState
-from .store import Store
+from .store import Store, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,8 @@ class _Node:
     nlink: int
     size: int
     parent: int
+    blocks: int = 0  # stored blocks the inode counts
+    stored: int = 0  # entries in `blocks` found for it
     names: int = 0  # dirents naming it
     subdirs: int = 0  # dirents in it naming a directory
     named_in: int = 0  # for a directory: the parent of (one of) the dirents naming it
@@ -92,14 +100,21 @@ def fsck(store: Store) -> list[str]:
     problems: list[str] = []
     with store.shared(), store.env.begin() as txn:
         db = store.db
-        nodes = _check_inodes(txn, db, problems)
-        _check_dirents(txn, db, nodes, problems)
-        _check_links(nodes, problems)
-        _check_blocks(txn, db, nodes, problems)
-        _check_symlinks(txn, db, nodes, problems)
-        _check_xattrs(txn, db, nodes, problems)
-        cluster_id = _check_meta(txn, db, nodes, problems)
-        _check_journal(txn, db, cluster_id, problems)
+        try:
+            nodes = _check_inodes(txn, db, problems)
+            _check_dirents(txn, db, nodes, problems)
+            _check_links(nodes, problems)
+            _check_blocks(txn, db, nodes, problems)
+            _check_block_counts(nodes, problems)
+            _check_symlinks(txn, db, nodes, problems)
+            _check_xattrs(txn, db, nodes, problems)
+            cluster_id = _check_meta(txn, db, nodes, problems)
+            _check_journal(txn, db, cluster_id, problems)
+        except lmdb.Error as exc:
+            # LMDB's own structures are damaged (a B-tree page, a free list): what was
+            # found so far stands, and the rest cannot be walked.
+            problems.append(f"the store's LMDB structure is damaged ({exc}); the check stopped there: "
+                            "rebuild this node from a standby")
     if problems:
         log.warning("fsck of %s found %d problems", store.path, len(problems))
     return problems
@@ -113,11 +128,14 @@ def _check_inodes(txn: Txn, db: Databases, problems: list[str]) -> Nodes:
             problems.append(f"inodes: malformed key {bytes(key).hex()}")
             continue
         try:
-            inode = Inode.unpack(value)
+            inode = Inode.unpack(unseal(DB_INODES, key, value))
+        except DamagedValue as exc:
+            problems.append(str(exc))
+            continue
         except struct.error:
             problems.append(f"inode {ino}: malformed value of {len(value)} bytes")
             continue
-        nodes[ino] = _Node(inode.mode, inode.nlink, inode.size, inode.parent)
+        nodes[ino] = _Node(inode.mode, inode.nlink, inode.size, inode.parent, blocks=inode.blocks)
         if stat.S_IFMT(inode.mode) == 0:
             problems.append(f"inode {ino}: mode {inode.mode:o} has no file type")
         if not stat.S_ISDIR(inode.mode) and inode.parent != 0:
@@ -150,7 +168,12 @@ def _check_dirents(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -
         where = f"dirent {parent}/{name!r}"
         if not _valid_name(name):
             problems.append(f"{where}: invalid name")
-        child = _u64_or_none(value)
+        try:
+            value = unseal(DB_DIRENTS, key, value)
+        except DamagedValue as exc:
+            problems.append(str(exc))
+            continue
+        child = _u64_or_none(bytes(value))
         if child is None:
             problems.append(f"{where}: malformed value {bytes(value).hex()}")
             continue
@@ -229,15 +252,17 @@ def _check_blocks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) ->
             continue
         ino, block_no = _PAIR.unpack(key)
         where = f"block {block_no} of inode {ino}"
+        node = nodes.get(ino)
+        if node is not None:
+            node.stored += 1
         try:
-            value = state.block_bytes(raw)
-            ref = parse_block_ref(raw)
+            value = state.block_bytes(key, raw)
+            ref = parse_block_ref(raw[:-8])
         except StoreError as exc:
             problems.append(f"{where}: {exc}")
             continue
         if ref is not None:
             _check_block_ref(txn, db, ino, block_no, ref, problems)
-        node = nodes.get(ino)
         if node is None:
             problems.append(f"{where}: inode does not exist")
             continue
@@ -251,6 +276,12 @@ def _check_blocks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) ->
         elif start + len(value) > node.size:
             problems.append(f"{where}: stores {start + len(value) - node.size} bytes past the "
                             f"file size {node.size}")
+
+
+def _check_block_counts(nodes: Nodes, problems: list[str]) -> None:
+    for ino, node in nodes.items():
+        if node.blocks != node.stored:
+            problems.append(f"inode {ino}: counts {node.blocks} stored blocks, {node.stored} are stored")
 
 
 def _check_block_ref(txn: Txn, db: Databases, ino: int, block_no: int, ref: tuple[int, int, int],
@@ -274,12 +305,17 @@ def _check_block_ref(txn: Txn, db: Databases, ino: int, block_no: int, ref: tupl
 
 def _check_symlinks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
     with_target: set[int] = set()
-    for key, value in txn.cursor(db=db.symlinks):
+    for key, raw in txn.cursor(db=db.symlinks):
         ino = _u64_or_none(key)
         if ino is None:
             problems.append(f"symlinks: malformed key {bytes(key).hex()}")
             continue
         with_target.add(ino)
+        try:
+            value = unseal(DB_SYMLINKS, key, raw)
+        except DamagedValue as exc:
+            problems.append(str(exc))
+            continue
         node = nodes.get(ino)
         if node is None:
             problems.append(f"symlink target of inode {ino}: inode does not exist")
@@ -293,24 +329,43 @@ def _check_symlinks(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) 
 
 
 def _check_xattrs(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> None:
-    for key in txn.cursor(db=db.xattrs).iternext(keys=True, values=False):
+    for key, raw in txn.cursor(db=db.xattrs):
         if len(key) <= _U64.size:
             problems.append(f"xattrs: malformed key {bytes(key).hex()}")
             continue
+        if not is_sealed_ok(DB_XATTRS, key, raw):
+            problems.append(str(DamagedValue(DB_XATTRS, bytes(key), "checksum mismatch")))
         ino = _U64.unpack_from(key)[0]
         if ino not in nodes:
             problems.append(f"xattr {bytes(key[_U64.size:])!r} of inode {ino}: inode does not exist")
 
 
+def _meta_reader(txn: Txn, db: Databases, problems: list[str]):
+    """read_meta that reports a damaged value as a problem and reads it as missing."""
+
+    def get(key: bytes) -> bytes | None:
+        try:
+            return read_meta(txn, db.meta, key)
+        except DamagedValue as exc:
+            problems.append(str(exc))
+            return None
+
+    return get
+
+
 def _check_meta(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> bytes | None:
-    fmt = _u64_or_none(txn.get(META_FORMAT, db=db.meta))
+    get = _meta_reader(txn, db, problems)
+    for key, raw in txn.cursor(db=db.meta):
+        if key != META_FORMAT and not is_sealed_ok(DB_META, key, raw):
+            problems.append(str(DamagedValue(DB_META, bytes(key), "checksum mismatch")))
+    fmt = _u64_or_none(get(META_FORMAT))
     if fmt != FORMAT_VERSION:
         problems.append(f"meta: format {fmt}, expected {FORMAT_VERSION}")
-    cluster_id = txn.get(META_CLUSTER_ID, db=db.meta)
+    cluster_id = get(META_CLUSTER_ID)
     if cluster_id is None or len(cluster_id) != 16:
         problems.append(f"meta: cluster id {cluster_id!r} is not 16 bytes")
         cluster_id = None
-    raw_next = txn.get(META_NEXT_INO, db=db.meta)
+    raw_next = get(META_NEXT_INO)
     next_ino = _u64_or_none(raw_next)
     if raw_next is not None and next_ino is None:
         problems.append(f"meta: malformed next_ino {bytes(raw_next).hex()}")
@@ -318,10 +373,10 @@ def _check_meta(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> b
         highest = max(nodes)
         if next_ino is None or next_ino <= highest:
             problems.append(f"meta: next_ino {next_ino} is not above the highest inode {highest}")
-    epoch = _u64_or_none(txn.get(META_EPOCH, db=db.meta))
+    epoch = _u64_or_none(get(META_EPOCH))
     if epoch is None:
         problems.append("meta: epoch is missing or malformed")
-    raw_history = txn.get(META_EPOCH_HISTORY, db=db.meta)
+    raw_history = get(META_EPOCH_HISTORY)
     if raw_history is not None and len(raw_history) % _PAIR.size:
         problems.append(f"meta: epoch history of {len(raw_history)} bytes is not whole pairs")
     elif raw_history:
@@ -331,13 +386,13 @@ def _check_meta(txn: Txn, db: Databases, nodes: Nodes, problems: list[str]) -> b
                 problems.append(f"meta: epoch history not ascending: ({e1}, {s1}) then ({e2}, {s2})")
         if epoch is not None and epoch < max(e for e, _ in history):
             problems.append(f"meta: epoch {epoch} is below epoch history {history}")
-    if _u64_or_none(txn.get(META_LAST_SEQ, db=db.meta)) is None:
+    if _u64_or_none(get(META_LAST_SEQ)) is None:
         problems.append("meta: last_seq is missing or malformed")
     return None if cluster_id is None else bytes(cluster_id)
 
 
 def _check_journal(txn: Txn, db: Databases, cluster_id: bytes | None, problems: list[str]) -> None:
-    last_seq = _u64_or_none(txn.get(META_LAST_SEQ, db=db.meta))
+    last_seq = _u64_or_none(_meta_reader(txn, db, [])(META_LAST_SEQ))
     prev_seq: int | None = None
     prev_epoch = 0
     for key, value in txn.cursor(db=db.journal):
@@ -378,7 +433,8 @@ def digest(store: Store) -> StateDigest:
     read in one transaction.
 
     Covers the cluster id and every database of schema.STATE_DBS in cursor order; not
-    the journal, nor meta that is local to a node (epoch, role, sizes, seqs). Each
+    the journal, nor meta that is local to a node (epoch, role, sizes, seqs). Values are
+    verified as they are read (DamagedValue) and hashed without their checksums. Each
     database contributes its length-prefixed name and entry count, then each entry its
     length-prefixed key and value, so no two different states hash the same bytes. A
     block's value is hashed as the bytes it stands for: whether a block still refers to
@@ -387,9 +443,10 @@ def digest(store: Store) -> StateDigest:
     h = hashlib.sha256()
     with store.shared(), store.env.begin() as txn:
         handles = dict(store.db.state())
-        cluster_id = bytes(txn.get(META_CLUSTER_ID, db=store.db.meta) or b"")
-        last_seq = from_u64(txn.get(META_LAST_SEQ, db=store.db.meta) or bytes(8))
-        epoch = epoch_at(unpack_epoch_history(txn.get(META_EPOCH_HISTORY, db=store.db.meta)), last_seq)
+        meta = store.db.meta
+        cluster_id = read_meta(txn, meta, META_CLUSTER_ID) or b""
+        last_seq = from_u64(read_meta(txn, meta, META_LAST_SEQ) or bytes(8))
+        epoch = epoch_at(unpack_epoch_history(read_meta(txn, meta, META_EPOCH_HISTORY)), last_seq)
         h.update(_U64.pack(len(cluster_id)))
         h.update(cluster_id)
         for name in STATE_DBS:
@@ -399,8 +456,7 @@ def digest(store: Store) -> StateDigest:
             h.update(_U64.pack(txn.stat(handle)["entries"]))
             blocks = FsState(txn, store.db) if handle == store.db.blocks else None
             for key, value in txn.cursor(db=handle):
-                if blocks is not None:
-                    value = blocks.block_bytes(value)
+                value = blocks.block_bytes(key, value) if blocks is not None else unseal(name, key, value)
                 h.update(_U64.pack(len(key)))
                 h.update(key)
                 h.update(_U64.pack(len(value)))

@@ -76,6 +76,11 @@ class StoreError(Exception):
     """The store itself is unusable or inconsistent (not a user error)."""
 
 
+class StoreDamaged(StoreError):
+    """The store's file is damaged or truncated: nothing in it can be trusted as it is;
+    the node is rebuilt from a standby (tools exit 1 saying so)."""
+
+
 class CorruptRecord(StoreError):
     """A journal record or wire message failed to decode or verify."""
 

@@ -1,7 +1,7 @@
 """Journal records: an operation stamped with its place in the cluster's history.
 
 The same bytes are stored in every node's journal and shipped on the wire, so a record
-is verified (magic, version, length, CRC) wherever it is read.
+is verified (magic, version, length, checksum) wherever it is read.
 
 Layout (big-endian):
 
@@ -14,7 +14,7 @@ Layout (big-endian):
     20      16    cluster id
     36      4     payload length n
     40      n     operation payload (ops.py)
-    40+n    4     CRC-32 of bytes [0, 40+n)
+    40+n    8     XXH3-64 of bytes [0, 40+n) (format 2: 4 bytes, CRC-32)
 """
 
 from __future__ import annotations
@@ -23,13 +23,18 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import xxhash
+
 from .errors import CorruptRecord
 from .ops import WRITE_DATA_OFFSET, Op, Write, decode_op, write_extent
 from .schema import FORMAT_VERSION
 
 MAGIC = b"TJ"
 _HEADER = struct.Struct(">2sBBQQ16sI")
-_CRC = struct.Struct(">I")
+_CRC = struct.Struct(">Q")
+#: Format 2's trailer, which `restamp` still reads.
+_CRC32 = struct.Struct(">I")
+_xxh3 = xxhash.xxh3_64_intdigest
 HEADER_SIZE = _HEADER.size
 OVERHEAD = _HEADER.size + _CRC.size
 #: Where a Write's data begins in its record: blocks refer to it there (schema.BLOCK_REF).
@@ -57,10 +62,10 @@ class Record:
 def encode_record(cluster_id: bytes, epoch: int, seq: int, op: Op) -> bytes:
     parts = op.encode_parts()
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, op.CODE, epoch, seq, cluster_id, sum(map(len, parts)))
-    crc = zlib.crc32(head)
+    hasher = xxhash.xxh3_64(head)
     for part in parts:
-        crc = zlib.crc32(part, crc)
-    return b"".join((head, *parts, _CRC.pack(crc)))
+        hasher.update(part)
+    return b"".join((head, *parts, _CRC.pack(hasher.intdigest())))
 
 
 def peek_header(raw: bytes | memoryview) -> tuple[int, int]:
@@ -80,17 +85,23 @@ def peek_write(raw: bytes | memoryview) -> tuple[int, int, int] | None:
 
 
 def restamp(raw: bytes | memoryview, version: int) -> bytes:
-    """The record `raw`, of any format version, stamped as of `version` with its CRC
-    recomputed; raises CorruptRecord if its checksum does not hold (for upgrades)."""
-    if len(raw) < OVERHEAD:
+    """The record `raw`, of format 1, 2 or this one, stamped as of `version` with its
+    checksum recomputed in that version's kind (formats 1 and 2: CRC-32; 3: XXH3-64);
+    raises CorruptRecord if its checksum does not hold (for upgrades, and for tests that
+    make old stores)."""
+    old_trailer = _CRC if record_version(raw) >= 3 else _CRC32
+    if len(raw) < HEADER_SIZE + old_trailer.size:
         raise CorruptRecord(f"record of {len(raw)} bytes is shorter than its header")
-    end = len(raw) - _CRC.size
-    if zlib.crc32(raw[:end]) != _CRC.unpack_from(raw, end)[0]:
+    end = len(raw) - old_trailer.size
+    body = memoryview(raw)[:end]
+    expected = _xxh3(body) if old_trailer is _CRC else zlib.crc32(body)
+    if expected != old_trailer.unpack_from(raw, end)[0]:
         raise CorruptRecord(f"checksum mismatch in record seq {peek_header(raw)[1]}")
-    stamped = bytearray(raw)
+    stamped = bytearray(body)
     stamped[_VERSION_AT] = version
-    _CRC.pack_into(stamped, end, zlib.crc32(memoryview(stamped)[:end]))
-    return bytes(stamped)
+    if version >= 3:
+        return bytes(stamped) + _CRC.pack(_xxh3(stamped))
+    return bytes(stamped) + _CRC32.pack(zlib.crc32(stamped))
 
 
 def decode_record(raw: bytes | memoryview) -> Record:
@@ -105,6 +116,21 @@ def decode_record(raw: bytes | memoryview) -> Record:
         raise CorruptRecord(f"record length {len(raw)} does not match its payload length {length}")
     end = HEADER_SIZE + length
     (crc,) = _CRC.unpack_from(raw, end)
-    if zlib.crc32(raw[:end]) != crc:
+    if _xxh3(memoryview(raw)[:end]) != crc:
         raise CorruptRecord(f"checksum mismatch in record seq {seq}")
     return Record(bytes(cluster_id), epoch, seq, decode_op(code, memoryview(raw)[HEADER_SIZE:end]))
+
+
+def verify_record(raw: bytes | memoryview, seq: int | None = None) -> None:
+    """Check a record's framing and checksum without decoding its op (a block that refers
+    to it is about to be served, or it is about to be sent); raises CorruptRecord."""
+    if len(raw) < OVERHEAD:
+        raise CorruptRecord(f"record of {len(raw)} bytes is shorter than its header")
+    magic, version, _code, _epoch, own_seq, _cid, length = _HEADER.unpack_from(raw, 0)
+    if magic != MAGIC or version != FORMAT_VERSION or HEADER_SIZE + length + _CRC.size != len(raw):
+        raise CorruptRecord(f"record seq {own_seq} is malformed")
+    if seq is not None and own_seq != seq:
+        raise CorruptRecord(f"record stored as seq {seq} says seq {own_seq}")
+    end = HEADER_SIZE + length
+    if _xxh3(memoryview(raw)[:end]) != _CRC.unpack_from(raw, end)[0]:
+        raise CorruptRecord(f"checksum mismatch in record seq {own_seq}")

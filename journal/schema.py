@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import lmdb
 
-#: 2: a block's value is either its bytes or a reference into the journal (BLOCK_REF).
-FORMAT_VERSION = 2
+#: 3: every value of meta and of the state databases ends in a checksum (journal/integrity.py),
+#: a record's checksum is XXH3-64, and an inode counts its stored blocks. 2: a block's value
+#: is either its bytes or a reference into the journal (BLOCK_REF).
+FORMAT_VERSION = 3
 
 #: File data lives in fixed blocks of this size. LMDB stores values above ~2 KiB in
 #: overflow pages, so a block of tens of KiB costs one page run, and a 4 KiB random write
@@ -29,11 +31,15 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
 
 # --- named databases -------------------------------------------------------------------
+#: Every value of meta, inodes, dirents, blocks, symlinks and xattrs is stored sealed: the
+#: value described below followed by an 8-byte checksum of it, seeded with its database
+#: and key (journal/integrity.py). Reading a value verifies it; a mismatch is never served.
 #: meta: name -> value. Keys below. `cluster_id` is fixed at creation; `last_seq` is the
 #: seq of the newest applied record and equals the journal's last key whenever the journal
 #: is non-empty; `next_ino` is greater than every inode number ever allocated.
 DB_META = b"meta"
 #: inodes: ino (u64 BE) -> packed `Inode`. ino 1 is the root; numbers are never reused.
+#: `blocks` equals the number of the inode's entries in `blocks`.
 #: nlink equals the number of dirents naming the inode; a directory has 2 plus one per
 #: subdirectory ("." and each child's ".."), and records its parent's ino.
 DB_INODES = b"inodes"
@@ -156,7 +162,7 @@ def epoch_at(history: Sequence[tuple[int, int]], seq: int) -> int:
     return epoch
 
 
-_INODE = struct.Struct(">IIIIQQqqqQQ")
+_INODE = struct.Struct(">IIIIQQqqqQQQ")
 
 
 @dataclass
@@ -176,16 +182,24 @@ class Inode:
     #: For directories, the ino of the one directory holding it (the root holds itself),
     #: so that rename can refuse to move a directory into its own subtree. 0 otherwise.
     parent: int = 0
+    #: How many blocks the file has stored (holes are not stored): st_blocks, so that a
+    #: sparse file looks sparse to du and cp.
+    blocks: int = 0
 
     def pack(self) -> bytes:
         return _INODE.pack(
             self.mode, self.nlink, self.uid, self.gid, self.rdev, self.size,
-            self.atime_ns, self.mtime_ns, self.ctime_ns, self.generation, self.parent,
+            self.atime_ns, self.mtime_ns, self.ctime_ns, self.generation, self.parent, self.blocks,
         )
 
     @classmethod
-    def unpack(cls, raw: bytes) -> Inode:
+    def unpack(cls, raw: bytes | memoryview) -> Inode:
         return cls(*_INODE.unpack(raw))
+
+    def sectors(self) -> int:
+        """st_blocks: 512-byte units the file occupies, its stored blocks but no more
+        than its size rounded up."""
+        return min(self.blocks * (BLOCK_SIZE // 512), -(-self.size // 512))
 
 
 class Databases:
@@ -199,6 +213,10 @@ class Databases:
             handles = [env.open_db(name, create=False) for name in ALL_DBS]
         (self.meta, self.inodes, self.dirents, self.blocks, self.symlinks, self.xattrs,
          self.journal) = handles
+
+    def by_name(self, name: bytes) -> object:
+        return {DB_META: self.meta, DB_INODES: self.inodes, DB_DIRENTS: self.dirents, DB_BLOCKS: self.blocks,
+                DB_SYMLINKS: self.symlinks, DB_XATTRS: self.xattrs, DB_JOURNAL: self.journal}[name]
 
     def state(self) -> list[tuple[bytes, object]]:
         return [

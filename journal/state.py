@@ -1,7 +1,9 @@
 """A view of the filesystem state inside one LMDB transaction.
 
 Reads serve the FUSE frontend (in short read transactions) and `apply` (inside the
-write transaction); the small set of writes is used by `apply` alone.
+write transaction); the small set of writes is used by `apply` alone. Every value goes
+through here sealed (journal/integrity.py): a value read is verified before anything
+uses it, so a damaged one raises DamagedValue instead of being served.
 """
 
 from __future__ import annotations
@@ -12,15 +14,25 @@ from collections.abc import Iterator
 
 import lmdb
 
-from .errors import NameTooLong, NoSuchAttribute, NotADirectory, NotFound, StoreError
+from .errors import CorruptRecord, NameTooLong, NoSuchAttribute, NotADirectory, NotFound
+from .integrity import DamagedValue, seal, unseal
+from .records import verify_record
 from .schema import (
+    BLOCK_DATA,
     BLOCK_SIZE,
+    DB_BLOCKS,
+    DB_DIRENTS,
+    DB_INODES,
+    DB_META,
+    DB_SYMLINKS,
+    DB_XATTRS,
     META_NEXT_INO,
     NAME_MAX,
     ROOT_INO,
     Databases,
     Inode,
     block_key,
+    block_ref_value,
     dirent_key,
     from_u64,
     parse_block_ref,
@@ -73,18 +85,35 @@ class FsState:
         self.txn = txn
         self.db = db
 
+    # --- sealed values --------------------------------------------------------------
+    def get_meta(self, key: bytes) -> memoryview | None:
+        raw = self.txn.get(key, db=self.db.meta)
+        return None if raw is None else unseal(DB_META, key, raw)
+
+    def put_meta(self, key: bytes, value: bytes) -> None:
+        self.txn.put(key, seal(DB_META, key, value), db=self.db.meta)
+
     # --- inodes ---------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
-        raw = self.txn.get(u64(ino), db=self.db.inodes)
+        key = u64(ino)
+        raw = self.txn.get(key, db=self.db.inodes)
         if raw is None:
             raise NotFound(f"inode {ino}")
-        return Inode.unpack(raw)
+        value = unseal(DB_INODES, key, raw)
+        try:
+            return Inode.unpack(value)
+        except Exception as exc:  # struct.error: a value whose checksum holds but not its size
+            raise DamagedValue(DB_INODES, key, f"value of {len(value)} bytes is not an inode") from exc
+
+    def has_inode(self, ino: int) -> bool:
+        return self.txn.get(u64(ino), db=self.db.inodes) is not None
 
     def put_inode(self, ino: int, inode: Inode) -> None:
-        self.txn.put(u64(ino), inode.pack(), db=self.db.inodes)
+        key = u64(ino)
+        self.txn.put(key, seal(DB_INODES, key, inode.pack()), db=self.db.inodes)
 
     def next_ino(self) -> int:
-        raw = self.txn.get(META_NEXT_INO, db=self.db.meta)
+        raw = self.get_meta(META_NEXT_INO)
         return from_u64(raw) if raw else ROOT_INO + 1
 
     def directory(self, ino: int) -> Inode:
@@ -94,15 +123,29 @@ class FsState:
         return node
 
     # --- names ----------------------------------------------------------------------
+    def _dirent(self, key: bytes, raw: bytes | memoryview) -> int:
+        value = unseal(DB_DIRENTS, key, raw)
+        if len(value) != 8:
+            raise DamagedValue(DB_DIRENTS, bytes(key), f"value of {len(value)} bytes is not an inode number")
+        return from_u64(value)
+
     def lookup(self, parent: int, name: bytes) -> int:
-        raw = self.txn.get(dirent_key(parent, name), db=self.db.dirents)
-        if raw is None:
+        ino = self.find(parent, name)
+        if ino is None:
             raise NotFound(name)
-        return from_u64(raw)
+        return ino
 
     def find(self, parent: int, name: bytes) -> int | None:
-        raw = self.txn.get(dirent_key(parent, name), db=self.db.dirents)
-        return None if raw is None else from_u64(raw)
+        key = dirent_key(parent, name)
+        raw = self.txn.get(key, db=self.db.dirents)
+        return None if raw is None else self._dirent(key, raw)
+
+    def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
+        key = dirent_key(parent, name)
+        self.txn.put(key, seal(DB_DIRENTS, key, u64(ino)), db=self.db.dirents)
+
+    def delete_dirent(self, parent: int, name: bytes) -> None:
+        self.txn.delete(dirent_key(parent, name), db=self.db.dirents)
 
     def resolve(self, path: bytes) -> int:
         """Walk `path` (absolute, '/'-separated) from the root to an inode number."""
@@ -112,12 +155,12 @@ class FsState:
                 continue
             if len(name) > NAME_MAX:
                 raise NameTooLong(name[:40])
-            raw = self.txn.get(dirent_key(ino, name), db=self.db.dirents)
-            if raw is None:
-                if self.txn.get(u64(ino), db=self.db.inodes) is not None:
+            child = self.find(ino, name)
+            if child is None:
+                if self.has_inode(ino):
                     self.directory(ino)  # ENOTDIR beats ENOENT when a component is a file
                 raise NotFound(path)
-            ino = from_u64(raw)
+            ino = child
         return ino
 
     def entries(self, parent: int, after: bytes | None = None) -> Iterator[tuple[bytes, int]]:
@@ -130,7 +173,7 @@ class FsState:
         for key, value in cursor:
             if not key.startswith(prefix):
                 return
-            yield key[8:], from_u64(value)
+            yield key[8:], self._dirent(key, value)
 
     def is_empty_directory(self, ino: int) -> bool:
         for _ in self.entries(ino):
@@ -188,7 +231,7 @@ class FsState:
             block_no = from_u64(key[8:])
             if block_no > last:
                 return
-            yield block_no * BLOCK_SIZE, self.block_bytes(value)
+            yield block_no * BLOCK_SIZE, self.block_bytes(key, value)
 
     def blocks(self, ino: int) -> Iterator[tuple[int, memoryview]]:
         """(block number, bytes) of every stored block of `ino`, in order."""
@@ -199,36 +242,79 @@ class FsState:
         for key, value in cursor:
             if not key.startswith(prefix):
                 return
-            yield from_u64(key[8:]), self.block_bytes(value)
+            yield from_u64(key[8:]), self.block_bytes(key, value)
 
-    def block_bytes(self, value: bytes | memoryview) -> memoryview:
-        """The bytes a blocks value stands for: its own, or those it refers to in the
-        journal (schema.DB_BLOCKS); a view, without a copy."""
+    def has_block(self, key: bytes) -> bool:
+        """Whether block `key` is stored; without copying its value out of the map."""
+        return self.txn.cursor(db=self.db.blocks).set_key(key)
+
+    def block_value(self, key: bytes) -> memoryview | None:
+        """The verified value of block `key` (schema.DB_BLOCKS), None if not stored."""
+        raw = self.txn.get(key, db=self.db.blocks)
+        return None if raw is None else unseal(DB_BLOCKS, key, raw)
+
+    def block_bytes(self, key: bytes | memoryview, raw: bytes | memoryview) -> memoryview:
+        """The bytes the stored (sealed) blocks value `raw` of `key` stands for: its own,
+        or those it refers to in the journal (schema.DB_BLOCKS), verified either way; a
+        view, without a copy."""
+        return self.resolve_block(key, unseal(DB_BLOCKS, key, raw))
+
+    def resolve_block(self, key: bytes | memoryview, value: memoryview) -> memoryview:
+        """The bytes of the verified blocks value `value` of `key`."""
         try:
             ref = parse_block_ref(value)
         except ValueError as exc:
-            raise StoreError(f"corrupt block: {exc}") from exc
+            raise DamagedValue(DB_BLOCKS, bytes(key), str(exc)) from exc
         if ref is None:
-            return memoryview(value)[1:]
+            return value[1:]
         seq, start, length = ref
         record = self.txn.get(u64(seq), db=self.db.journal)
         if record is None or start + length > len(record):
-            raise StoreError(f"corrupt block: it refers to {length} bytes at {start} of journal record "
-                             f"{seq}, which the journal does not hold")
+            raise DamagedValue(DB_BLOCKS, bytes(key), f"it refers to {length} bytes at {start} of journal "
+                               f"record {seq}, which the journal does not hold", seq=seq)
+        try:
+            verify_record(record, seq)
+        except CorruptRecord as exc:
+            raise DamagedValue(DB_BLOCKS, bytes(key), f"the journal record {seq} holding its bytes is "
+                               f"damaged ({exc})", seq=seq) from exc
         return memoryview(record)[start:start + length]
 
+    def put_block_data(self, key: bytes, *parts: bytes | memoryview) -> None:
+        """Store the concatenation of `parts` as block `key`'s own bytes."""
+        self.txn.put(key, seal(DB_BLOCKS, key, BLOCK_DATA, *parts), db=self.db.blocks)
+
+    def put_block_ref(self, key: bytes, seq: int, start: int, length: int) -> None:
+        """Store block `key` as `length` bytes at `start` of journal record `seq`."""
+        self.txn.put(key, seal(DB_BLOCKS, key, block_ref_value(seq, start, length)), db=self.db.blocks)
+
     def readlink(self, ino: int) -> bytes:
-        raw = self.txn.get(u64(ino), db=self.db.symlinks)
+        key = u64(ino)
+        raw = self.txn.get(key, db=self.db.symlinks)
         if raw is None:
             raise NotFound(f"symlink {ino}")
-        return raw
+        return bytes(unseal(DB_SYMLINKS, key, raw))
+
+    def put_symlink(self, ino: int, target: bytes) -> None:
+        key = u64(ino)
+        self.txn.put(key, seal(DB_SYMLINKS, key, target), db=self.db.symlinks)
 
     # --- xattrs ---------------------------------------------------------------------
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        raw = self.txn.get(xattr_key(ino, name), db=self.db.xattrs)
+        key = xattr_key(ino, name)
+        raw = self.txn.get(key, db=self.db.xattrs)
         if raw is None:
             raise NoSuchAttribute(name)
-        return raw
+        return bytes(unseal(DB_XATTRS, key, raw))
+
+    def has_xattr(self, ino: int, name: bytes) -> bool:
+        return self.txn.get(xattr_key(ino, name), db=self.db.xattrs) is not None
+
+    def put_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        key = xattr_key(ino, name)
+        self.txn.put(key, seal(DB_XATTRS, key, value), db=self.db.xattrs)
+
+    def delete_xattr(self, ino: int, name: bytes) -> bool:
+        return self.txn.delete(xattr_key(ino, name), db=self.db.xattrs)
 
     def listxattr(self, ino: int) -> list[bytes]:
         prefix = u64(ino)

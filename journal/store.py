@@ -34,19 +34,24 @@ import lmdb
 
 from . import ops
 from .apply import apply, detach_record
+from .datafile import check_data_file
 from .errors import (
     CorruptRecord,
     FsError,
     ReadOnly,
     SequenceGap,
     StaleEpoch,
+    StoreDamaged,
     StoreError,
     StoreFull,
     WrongCluster,
 )
-from .records import decode_record, encode_record, peek_header
+from .integrity import DamagedValue, IntegrityMonitor, describe, seal, unseal
+from .records import decode_record, encode_record, peek_header, verify_record
 from .schema import (
     BLOCK_SIZE,
+    DB_BLOCKS,
+    DB_JOURNAL,
     DB_META,
     FORMAT_VERSION,
     META_CHECKPOINT_SEQ,
@@ -187,21 +192,38 @@ class _Reader:
             self._store._env_lock.release_shared()
 
 
+def read_meta(txn: lmdb.Transaction, meta: object, key: bytes) -> bytes | None:
+    """Meta value `key`, verified (schema: every meta value is sealed but the format)."""
+    raw = txn.get(key, db=meta)
+    if raw is None:
+        return None
+    if key == META_FORMAT:
+        return bytes(raw)
+    return bytes(unseal(DB_META, key, raw))
+
+
+def write_meta(txn: lmdb.Transaction, meta: object, key: bytes, value: bytes) -> None:
+    txn.put(key, value if key == META_FORMAT else seal(DB_META, key, value), db=meta)
+
+
 def inspect_environment(path: str | os.PathLike) -> tuple[bytes, int, int]:
     """(cluster id, last seq, epoch) of the store environment in directory `path`, which
     must not be open elsewhere in this process; raises StoreError if it is not a store."""
+    check_data_file(path)
     try:
         with lmdb.open(str(path), max_dbs=16, readonly=True, lock=False, subdir=True) as env:
             meta = env.open_db(DB_META, create=False)
             with env.begin() as txn:
-                fmt = txn.get(META_FORMAT, db=meta)
-                cluster_id = txn.get(META_CLUSTER_ID, db=meta)
-                last_seq = txn.get(META_LAST_SEQ, db=meta)
-                epoch = txn.get(META_EPOCH, db=meta)
+                fmt = read_meta(txn, meta, META_FORMAT)
+                if fmt is None or len(fmt) != 8 or from_u64(fmt) != FORMAT_VERSION:
+                    raise StoreError(_format_problem(path, fmt))
+                cluster_id = read_meta(txn, meta, META_CLUSTER_ID)
+                last_seq = read_meta(txn, meta, META_LAST_SEQ)
+                epoch = read_meta(txn, meta, META_EPOCH)
+    except DamagedValue as exc:
+        raise StoreError(f"{path}: {exc}; rebuild this node from a standby") from exc
     except lmdb.Error as exc:
         raise StoreError(f"{path}: not a readable store: {exc}") from exc
-    if fmt is None or from_u64(fmt) != FORMAT_VERSION:
-        raise StoreError(_format_problem(path, fmt))
     if cluster_id is None or last_seq is None:
         raise StoreError(f"{path}: not a tandemfs store (no cluster id or last seq)")
     return bytes(cluster_id), from_u64(last_seq), from_u64(epoch) if epoch else 1
@@ -268,6 +290,11 @@ class Store:
         self._write_lock = threading.Lock()
         self._ino_lock = threading.Lock()
         self._open(max_size, readonly)
+        #: Damage found in this store, and repairs made: status and metrics show it.
+        self.integrity = IntegrityMonitor()
+        #: Set by a node with a live peer: repairs a damaged value from it (replica/repair.py),
+        #: returns whether it did.
+        self.repairer: Callable[[DamagedValue], bool] | None = None
         self.read_only_reason: str | None = "opened read-only" if readonly else None
         self.listeners: list[CommitListener] = []
         #: Called (from the writing thread, without the write lock) when the store is full:
@@ -283,21 +310,38 @@ class Store:
 
     def _open(self, max_size: int | None, readonly: bool) -> None:
         """Open the environment at self.path and load what the store caches of it."""
-        self.env = _open_env(self.path, max_size or DEFAULT_MAX_SIZE, readonly)
-        self.db = Databases(self.env, create=False)
-        with self.env.begin() as txn:
-            fmt = txn.get(META_FORMAT, db=self.db.meta)
-            if fmt is None or from_u64(fmt) != FORMAT_VERSION:
-                raise StoreError(_format_problem(self.path, fmt))
-            self.cluster_id: bytes = bytes(txn.get(META_CLUSTER_ID, db=self.db.meta))
-            stored_size = txn.get(META_MAX_SIZE, db=self.db.meta)
-        self.max_size = max_size or (from_u64(stored_size) if stored_size else DEFAULT_MAX_SIZE)
-        if max_size is None and stored_size:
-            self.env.set_mapsize(self.max_size)
-        if max_size is not None and not readonly and stored_size != u64(max_size):
-            with self.env.begin(write=True) as txn:
-                txn.put(META_MAX_SIZE, u64(max_size), db=self.db.meta)
-        self._load_position()
+        check_data_file(self.path)
+        try:
+            self.env = _open_env(self.path, max_size or DEFAULT_MAX_SIZE, readonly)
+        except lmdb.Error as exc:
+            raise StoreDamaged(f"{self.path}: not a readable store: {exc}") from exc
+        try:
+            self.db = Databases(self.env, create=False)
+            with self.env.begin() as txn:
+                fmt = read_meta(txn, self.db.meta, META_FORMAT)
+                if fmt is None or len(fmt) != 8 or from_u64(fmt) != FORMAT_VERSION:
+                    raise StoreError(_format_problem(self.path, fmt))
+                cluster_id = read_meta(txn, self.db.meta, META_CLUSTER_ID)
+                if cluster_id is None:
+                    raise StoreError(f"{self.path}: not a tandemfs store (no cluster id)")
+                self.cluster_id: bytes = cluster_id
+                stored_size = read_meta(txn, self.db.meta, META_MAX_SIZE)
+            self.max_size = max_size or (from_u64(stored_size) if stored_size else DEFAULT_MAX_SIZE)
+            if max_size is None and stored_size:
+                self.env.set_mapsize(self.max_size)
+            if max_size is not None and not readonly and stored_size != u64(max_size):
+                with self.env.begin(write=True) as txn:
+                    write_meta(txn, self.db.meta, META_MAX_SIZE, u64(max_size))
+            self._load_position()
+        except DamagedValue as exc:
+            self.env.close()
+            raise StoreDamaged(f"{self.path}: {exc}; rebuild this node from a standby") from exc
+        except lmdb.Error as exc:
+            self.env.close()
+            raise StoreDamaged(f"{self.path}: not a readable store: {exc}") from exc
+        except BaseException:
+            self.env.close()
+            raise
 
     # --- creation -------------------------------------------------------------------
     @classmethod
@@ -313,11 +357,11 @@ class Store:
         env = _open_env(path, max_size or DEFAULT_MAX_SIZE)
         db = Databases(env, create=True)
         with env.begin(write=True) as txn:
-            txn.put(META_FORMAT, u64(FORMAT_VERSION), db=db.meta)
-            txn.put(META_CLUSTER_ID, cluster_id or uuid.uuid4().bytes, db=db.meta)
-            txn.put(META_EPOCH, u64(1), db=db.meta)
-            txn.put(META_LAST_SEQ, u64(0), db=db.meta)
-            txn.put(META_MAX_SIZE, u64(max_size or DEFAULT_MAX_SIZE), db=db.meta)
+            write_meta(txn, db.meta, META_FORMAT, u64(FORMAT_VERSION))
+            write_meta(txn, db.meta, META_CLUSTER_ID, cluster_id or uuid.uuid4().bytes)
+            write_meta(txn, db.meta, META_EPOCH, u64(1))
+            write_meta(txn, db.meta, META_LAST_SEQ, u64(0))
+            write_meta(txn, db.meta, META_MAX_SIZE, u64(max_size or DEFAULT_MAX_SIZE))
         env.sync(True)
         env.close()
         store = cls(path, max_size=max_size, **kwargs)
@@ -392,9 +436,10 @@ class Store:
     def _load_position(self) -> None:
         with self.env.begin() as txn:
             self._next_ino = FsState(txn, self.db).next_ino()
-            self.last_seq = from_u64(txn.get(META_LAST_SEQ, db=self.db.meta) or u64(0))
-            self.epoch = from_u64(txn.get(META_EPOCH, db=self.db.meta) or u64(1))
-            self.epoch_history = unpack_epoch_history(txn.get(META_EPOCH_HISTORY, db=self.db.meta))
+            meta = self.db.meta
+            self.last_seq = from_u64(read_meta(txn, meta, META_LAST_SEQ) or u64(0))
+            self.epoch = from_u64(read_meta(txn, meta, META_EPOCH) or u64(1))
+            self.epoch_history = unpack_epoch_history(read_meta(txn, meta, META_EPOCH_HISTORY))
 
     def allocate_ino(self) -> int:
         """A new inode number for an op about to be built. Never handed out twice, even
@@ -418,12 +463,11 @@ class Store:
 
     def get_meta(self, key: bytes) -> bytes | None:
         with self._env_lock.shared(), self.env.begin() as txn:
-            value = txn.get(key, db=self.db.meta)
-            return None if value is None else bytes(value)
+            return read_meta(txn, self.db.meta, key)
 
     def set_meta(self, key: bytes, value: bytes) -> None:
         with self._write_lock, self.env.begin(write=True) as txn:
-            txn.put(key, value, db=self.db.meta)
+            write_meta(txn, self.db.meta, key, value)
 
     def delete_meta(self, key: bytes) -> None:
         with self._write_lock, self.env.begin(write=True) as txn:
@@ -433,6 +477,107 @@ class Store:
     def role(self) -> str:
         raw = self.get_meta(META_ROLE)
         return raw.decode() if raw else "primary"
+
+    # --- damage ---------------------------------------------------------------------
+    def handle_damage(self, exc: DamagedValue) -> bool:
+        """A reader met damaged value `exc`: note it (CRITICAL log once, counters), and
+        repair it from a peer if this node has one. Returns whether it was repaired, so
+        the reader may try once more; without a repair the reader must fail (EIO)."""
+        self.integrity.damaged(exc)
+        repairer = self.repairer
+        if repairer is None:
+            return False
+        try:
+            return repairer(exc)
+        except Exception:
+            log.exception("repairing %s failed", exc.where)
+            return False
+
+    def handle(self, db_name: bytes) -> object:
+        """The handle of named database `db_name`."""
+        return self.db.by_name(db_name)
+
+    def repair_value(self, db_name: bytes, key: bytes, raw: bytes,
+                     still_valid: Callable[[FsState], bool]) -> bool:
+        """Write `raw` (a sealed value, or a verified journal record) as the value of `key`
+        in `db_name`, if the value there is still damaged and `still_valid(state)` holds,
+        in one local transaction that is not journaled (a repair restores the logical state
+        the journal already describes). Returns whether the value is whole now, which is
+        also the case when it meanwhile changed or went away."""
+        handle = self.handle(db_name)
+        with self._write_lock, self._env_lock.shared():
+            txn = self.env.begin(write=True)
+            try:
+                state = FsState(txn, self.db)
+                current = txn.get(key, db=handle)
+                if current is None or self._is_whole(state, db_name, key, current):
+                    return True
+                if not still_valid(state):
+                    return False
+                txn.put(key, raw, db=handle)
+                txn.commit()
+                return True
+            finally:
+                txn.abort()  # a no-op after the commit
+
+    def intact_neighbours(self, db_name: bytes, key: bytes,
+                          limit: int = 1024) -> tuple[bytes | None, bytes | None]:
+        """The nearest keys before and after the stored `key` in `db_name` whose values
+        verify (None: none within `limit` entries, or none at all): the bounds of a range
+        repair."""
+        with self.reader() as state:
+            cursor = state.txn.cursor(db=self.handle(db_name))
+
+            def nearest(move: Callable[[], bool]) -> bytes | None:
+                cursor.set_key(key)
+                for _ in range(limit):
+                    if not move():
+                        return None
+                    if self._is_whole(state, db_name, cursor.key(), cursor.value()):
+                        return bytes(cursor.key())
+                return None
+
+            if not cursor.set_key(key):
+                raise StoreError(f"{describe(db_name, key)} is no longer stored")
+            return nearest(cursor.prev), nearest(cursor.next)
+
+    def replace_range(self, db_name: bytes, before: bytes | None, after: bytes | None,
+                      entries: list[tuple[bytes, bytes]], still_valid: Callable[[FsState], bool]) -> bool:
+        """Replace every entry of `db_name` strictly between `before` and `after` (None:
+        unbounded) by `entries` (key, sealed value), in one local transaction that is not
+        journaled, if `still_valid(state)` holds; a range repair (replica/repair.py)."""
+        handle = self.handle(db_name)
+        with self._write_lock, self._env_lock.shared():
+            txn = self.env.begin(write=True)
+            try:
+                state = FsState(txn, self.db)
+                if not still_valid(state):
+                    return False
+                cursor = txn.cursor(db=handle)
+                positioned = cursor.set_range(before) if before else cursor.first()
+                if positioned and before is not None and cursor.key() == before:
+                    positioned = cursor.next()
+                while positioned and (after is None or cursor.key() < after):
+                    positioned = cursor.delete()
+                for key, value in entries:
+                    txn.put(key, value, db=handle)
+                txn.commit()
+                return True
+            finally:
+                txn.abort()
+
+    @staticmethod
+    def _is_whole(state: FsState, db_name: bytes, key: bytes, raw: bytes) -> bool:
+        try:
+            if db_name == DB_JOURNAL:
+                verify_record(raw, from_u64(key))
+            elif db_name == DB_BLOCKS:
+                state.block_bytes(key, raw)
+            else:
+                unseal(db_name, key, raw)
+        except (DamagedValue, CorruptRecord):
+            return False
+        return True
 
     # --- reading --------------------------------------------------------------------
     def reader(self, buffers: bool = False) -> contextlib.AbstractContextManager[FsState]:
@@ -444,8 +589,10 @@ class Store:
         """Hold the environment in place (no snapshot swap) while using `env` directly."""
         return self._env_lock.shared()
 
-    def records(self, start: int, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """Raw journal records with start <= seq < stop, in one read transaction.
+    def records(self, start: int, stop: int | None = None,
+                verify: bool = True) -> Iterator[tuple[int, bytes]]:
+        """Raw journal records with start <= seq < stop, in one read transaction, each
+        verified (DamagedValue for one that fails) unless `verify` is false.
 
         The environment stays locked while the iterator lives: consume it promptly."""
         with self._env_lock.shared(), self.env.begin() as txn:
@@ -456,6 +603,11 @@ class Store:
                 seq = from_u64(key)
                 if stop is not None and seq >= stop:
                     return
+                if verify:
+                    try:
+                        verify_record(value, seq)
+                    except CorruptRecord as exc:
+                        raise DamagedValue(DB_JOURNAL, bytes(key), str(exc)) from exc
                 yield seq, value
 
     # --- writing on the primary -----------------------------------------------------
@@ -560,7 +712,7 @@ class Store:
 
     def _advance(self) -> None:
         with contextlib.suppress(lmdb.MapFullError), self.env.begin(write=True) as txn:
-            txn.put(META_LAST_SEQ, u64(self.last_seq), db=self.db.meta)
+            write_meta(txn, self.db.meta, META_LAST_SEQ, u64(self.last_seq))
 
     def _group_writer(self) -> None:
         assert self._queue is not None
@@ -596,7 +748,7 @@ class Store:
                         try:
                             with self.env.begin(write=True, parent=txn) as child:
                                 mine = self._apply_parts(child, parts, seq)
-                        except FsError as exc:
+                        except (FsError, DamagedValue) as exc:
                             results.append((future, exc))
                             continue
                         except lmdb.MapFullError:
@@ -622,16 +774,17 @@ class Store:
                 future.set_result(result)
 
     def _append(self, txn: lmdb.Transaction, epoch: int, seq: int, raw: bytes) -> None:
+        meta = self.db.meta
         txn.put(u64(seq), raw, db=self.db.journal, append=True)
-        txn.put(META_LAST_SEQ, u64(seq), db=self.db.meta)
+        write_meta(txn, meta, META_LAST_SEQ, u64(seq))
         if not self.epoch_history or epoch > self.epoch_history[-1][0]:
             # The first record of a new epoch: remember where the epoch begins.
-            history = unpack_epoch_history(txn.get(META_EPOCH_HISTORY, db=self.db.meta))
+            history = unpack_epoch_history(read_meta(txn, meta, META_EPOCH_HISTORY))
             if not history or epoch > history[-1][0]:
                 history.append((epoch, seq))
-                txn.put(META_EPOCH_HISTORY, pack_epoch_history(history), db=self.db.meta)
-            if epoch > from_u64(txn.get(META_EPOCH, db=self.db.meta) or u64(0)):
-                txn.put(META_EPOCH, u64(epoch), db=self.db.meta)
+                write_meta(txn, meta, META_EPOCH_HISTORY, pack_epoch_history(history))
+            if epoch > from_u64(read_meta(txn, meta, META_EPOCH) or u64(0)):
+                write_meta(txn, meta, META_EPOCH, u64(epoch))
 
     def _notify(self, committed: list[tuple[int, bytes]]) -> None:
         newest_epoch = peek_header(committed[-1][1])[0]
@@ -743,7 +896,7 @@ class Store:
         fsync_path(dest)
         _cluster, seq, _epoch = inspect_environment(dest)
         with self._write_lock, self.env.begin(write=True) as txn:
-            txn.put(META_CHECKPOINT_SEQ, u64(seq), db=self.db.meta)
+            write_meta(txn, self.db.meta, META_CHECKPOINT_SEQ, u64(seq))
         return seq
 
     def prune(self, below: int, batch: int = 4096) -> int:

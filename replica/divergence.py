@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import stat
+import struct
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -39,9 +40,11 @@ from pathlib import Path
 import lmdb
 
 from journal import ops
-from journal.errors import CorruptRecord
+from journal.errors import CorruptRecord, NotFound
+from journal.integrity import DamagedValue, unseal
 from journal.records import decode_record
-from journal.schema import ROOT_INO, Databases, Inode, epoch_at, from_u64, u64
+from journal.schema import DB_DIRENTS, ROOT_INO, Databases, Inode, epoch_at, from_u64, u64
+from journal.state import FsState
 from journal.store import Store, fsync_path
 
 log = logging.getLogger(__name__)
@@ -112,29 +115,31 @@ class _Paths:
     def __init__(self, txn: lmdb.Transaction, db: Databases, wanted: set[int]) -> None:
         self.txn = txn
         self.db = db
+        self.state = FsState(txn, db)
         self.names: dict[int, tuple[int, bytes]] = {}
         wanted.discard(ROOT_INO)
         if wanted:
             for key, value in txn.cursor(db=db.dirents):
-                child = from_u64(value)
+                try:
+                    child = from_u64(unseal(DB_DIRENTS, key, value))
+                except (DamagedValue, struct.error):
+                    continue  # a damaged entry names nothing here; scrub reports it
                 if child in wanted and child not in self.names:
                     self.names[child] = (from_u64(key[:8]), bytes(key[8:]))
 
     def _inode(self, ino: int) -> Inode | None:
-        raw = self.txn.get(u64(ino), db=self.db.inodes)
-        return None if raw is None else Inode.unpack(raw)
+        try:
+            return self.state.inode(ino)
+        except (NotFound, DamagedValue):
+            return None
 
     def _name_in(self, parent: int, child: int) -> bytes | None:
-        cursor = self.txn.cursor(db=self.db.dirents)
-        prefix = u64(parent)
-        if not cursor.set_range(prefix):
+        try:
+            for name, ino in self.state.entries(parent):
+                if ino == child:
+                    return bytes(name)
+        except DamagedValue:
             return None
-        want = u64(child)
-        for key, value in cursor:
-            if key[:8] != prefix:
-                return None
-            if value == want:
-                return bytes(key[8:])
         return None
 
     def path(self, ino: int) -> str | None:

@@ -52,6 +52,7 @@ import zmq
 
 from journal.checkpoints import Checkpoint, Checkpoints
 from journal.errors import FsError, StoreError
+from journal.integrity import DamagedValue
 from journal.schema import META_STANDBYS
 from journal.store import Store
 
@@ -67,6 +68,7 @@ from .common import (
     make_socket,
 )
 from .fencing import Fencing, PeerWatch
+from .repair import Answer, RepairChannel, Repairer, answer_request
 from .security import Admission, Curve, start_authenticator
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,9 @@ class PrimaryReplication:
         self.stream_messages = 0
         self._snap_files: dict[int, tuple[int, int, float]] = {}  # snap_id -> (fd, size, last use)
         self._chunk = env_int(ENV_SNAPSHOT_CHUNK, DEFAULT_CHUNK)
+        #: Values this store asks its standbys for, to repair its own (replica/repair.py).
+        self.repair = RepairChannel()
+        self._repairer = Repairer(store, self.repair, "a standby")
 
     # --- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -246,6 +251,7 @@ class PrimaryReplication:
             except BaseException:
                 self.stop()
                 raise
+        self.store.repairer = self._repairer
         log.info("replicating: stream on %s, side channel on %s, durability %s (timeout %.1fs, on "
                  "standby loss: %s)", self.listen, self.control, self.durability.value,
                  self.sync_timeout, self.on_standby_loss.value)
@@ -265,6 +271,8 @@ class PrimaryReplication:
             self._cond.notify_all()
 
     def stop(self) -> None:
+        if self.store.repairer is self._repairer:
+            self.store.repairer = None
         self._stop.set()
         self._queue.put(None)
         self._publish_now.set()
@@ -404,7 +412,8 @@ class PrimaryReplication:
         poller.register(router, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not poller.poll(100):
+                self._ask_for_repairs(router)
+                if not poller.poll(50):
                     self._expire_snapshot_files()
                     continue
                 for _ in range(256):
@@ -446,6 +455,23 @@ class PrimaryReplication:
         except Exception:  # a bug must not take the primary down; it is counted and logged
             log.exception("side channel failed on a message from %r", identity[:80])
             self.drops.drop("error", "handler failed")
+
+    def _ask_for_repairs(self, router: zmq.Socket) -> None:
+        """Send the repair requests of this store's readers to the most advanced standby."""
+        requests = self.repair.outgoing()
+        if not requests:
+            return
+        with self._cond:
+            alive = [peer for peer in self._peers.values() if peer.connected(time.monotonic())]
+        if not alive:
+            for request in requests:
+                self.repair.answered(request.req_id, None)
+            return
+        target = max(alive, key=lambda peer: peer.received).identity
+        for request in requests:
+            body, payload = request.frames()
+            router.send_multipart([target, *p.encode(p.MsgType.REPAIR_GET, self.store.cluster_id,
+                                                     self.store.epoch, body, payload)])
 
     def _peer(self, identity: bytes, msg: p.Message, reply: Callable) -> None:
         """Another primary's PEER: judge the epochs, and answer so that it can judge too."""
@@ -489,6 +515,12 @@ class PrimaryReplication:
         peer = self._touch(identity, msg.epoch)
         if t is p.MsgType.ACK:
             self._ack(peer, msg.body.received, msg.body.durable)
+        elif t is p.MsgType.REPAIR_GET:
+            body, payload = answer_request(self.store, msg.body, *msg.payload)
+            reply(p.MsgType.REPAIR_VALUE, (msg.body.req_id, *body), payload or [b"", b""])
+        elif t is p.MsgType.REPAIR_VALUE:
+            value, context = msg.payload
+            self.repair.answered(msg.body.req_id, Answer(msg.body.last_seq, msg.body.status, value, context))
         elif t is p.MsgType.FETCH:
             self._fetch(peer, msg.body.start, msg.body.stop, reply)
         elif t is p.MsgType.SNAP_OPEN:
@@ -529,12 +561,20 @@ class PrimaryReplication:
             return
         raws: list[bytes] = []
         size = 0
-        with contextlib.closing(self.store.records(start, min(stop, start + FETCH_RECORDS))) as rows:
-            for _seq, raw in rows:
-                raws.append(bytes(raw))
-                size += len(raw)
-                if size >= FETCH_BYTES:
-                    break
+        try:
+            with contextlib.closing(self.store.records(start, min(stop, start + FETCH_RECORDS))) as rows:
+                for _seq, raw in rows:
+                    raws.append(bytes(raw))
+                    size += len(raw)
+                    if size >= FETCH_BYTES:
+                        break
+        except DamagedValue as exc:
+            # Served up to the damaged record; that one never. The repair asks the standbys,
+            # so it runs in a thread of its own: this thread owns the socket it needs.
+            threading.Thread(target=self.store.handle_damage, args=(exc,), name="repair", daemon=True).start()
+            if not raws:
+                reply(p.MsgType.DAMAGED, (start + len(raws),))
+                return
         peer.fetches += 1
         peer.fetched_records += len(raws)
         reply(p.MsgType.RECORDS, (start, len(raws), 0), raws)

@@ -21,6 +21,7 @@ Sockets and directions
                                                                 NOT_RETAINED, SNAP_INFO,
                                                                 SNAP_WAIT, SNAP_CHUNK, SNAP_GONE
     DEALER (primary) <-> ROUTER (another primary's side channel): PEER
+    DEALER (standby) <-> ROUTER (primary), both ways:           REPAIR_GET, REPAIR_VALUE
 Acknowledgements never ride on PUB/SUB. RECORDS means the same on both paths: the live
 stream, or the answer to a FETCH.
 
@@ -52,6 +53,20 @@ Types, bodies and payloads
     ACK          received u64, durable u64 (durable <= received)
     PEER         last_seq u64, epoch_first_seq u64 (where the sender's epoch began),
                  flags u8 (PEER_*)               + 1 frame: node name, UTF-8, 1..64 bytes
+    REPAIR_GET   req_id u64, db u8 (journal/integrity.py DB_TAGS), flags u8 (REPAIR_RANGE)
+                                                 + 2 frames: the key (1..263 bytes) and an
+                                                   empty frame; with REPAIR_RANGE, the keys
+                                                   strictly between the two (each 0..263
+                                                   bytes, empty: unbounded)
+    REPAIR_VALUE req_id u64, last_seq u64 (the answerer's), status u8 (REPAIR_*)
+                                                 + 2 frames: the value, sealed (a block: its
+                                                   bytes, as a block holding them; a journal
+                                                   record: the record), and for a block the
+                                                   answerer's sealed inode (else empty); for a
+                                                   range, the first frame holds the entries,
+                                                   each klen u16, vlen u32, key, sealed value
+    DAMAGED      seq u64: the primary cannot serve the record a FETCH asked for, because its
+                 own copy fails its checksum
 
 Snapshot transfer is the ZeroMQ guide's credit-based file transfer: the standby keeps up
 to a fixed number of SNAP_GET requests in flight and sends the next one as each chunk
@@ -107,10 +122,11 @@ MAGIC = b"TR"
 #: Where a journal record's header holds its cluster id (journal/records.py: bytes 20..36).
 _RECORD_CLUSTER = slice(HEADER_SIZE - 20, HEADER_SIZE - 4)
 #: 2: RECORDS carries a flags byte (RECORDS_FLUSH), FLUSH is new, and WELCOME carries the
-#: primary's epoch history. 3: the records carried are of store format 2 (schema.py). A
+#: primary's epoch history. 3: the records carried are of store format 2 (schema.py); 4: of
+#: store format 3 (records checksummed with XXH3-64). A
 #: node of another version drops every message as "version" (counted in status, and
 #: logged), so nodes of both versions never half-understand each other.
-VERSION = 3
+VERSION = 4
 CLUSTER_ID_SIZE = 16
 NO_CLUSTER = bytes(CLUSTER_ID_SIZE)
 _ENVELOPE = struct.Struct(">2sBB16sQ")
@@ -133,6 +149,15 @@ RECORDS_FLUSH = 0x01
 
 REFUSE_CLUSTER = 1  # the standby's store belongs to another cluster
 REFUSE_NOT_PRIMARY = 2  # the node asked is not (or no longer) a primary
+
+REPAIR_FOUND = 0  # the value follows, sealed as the asker stores it
+REPAIR_ABSENT = 1  # the answering node holds no such value
+REPAIR_DAMAGED = 2  # the answering node's copy is damaged too (or the range is too large)
+REPAIR_RANGE = 0x01  # REPAIR_GET: every entry strictly between two keys
+#: Database tags of journal/integrity.py: 1 (meta) .. 7 (journal).
+MAX_DB_TAG = 7
+#: Longest key a REPAIR_GET asks for: an inode and the longest name.
+MAX_REPAIR_KEY = 8 + 255
 
 PEER_REPLY = 0x01  # an answer to a PEER: not to be answered
 PEER_FENCED = 0x02  # the sender does not accept writes (fenced, or split brain)
@@ -158,6 +183,9 @@ class MsgType(enum.IntEnum):
     SNAP_GONE = 20
     ACK = 21
     PEER = 22
+    REPAIR_GET = 23
+    REPAIR_VALUE = 24
+    DAMAGED = 25
 
 
 class Records(NamedTuple):
@@ -242,6 +270,22 @@ class Peer(NamedTuple):
     flags: int
 
 
+class RepairGet(NamedTuple):
+    req_id: int
+    db: int
+    flags: int
+
+
+class RepairValue(NamedTuple):
+    req_id: int
+    last_seq: int
+    status: int
+
+
+class Damaged(NamedTuple):
+    seq: int
+
+
 class _Spec(NamedTuple):
     body: struct.Struct
     tuple_type: type
@@ -266,19 +310,26 @@ BODIES: dict[MsgType, _Spec] = {
     MsgType.SNAP_GONE: _Spec(struct.Struct(">Q"), SnapGone, 0),
     MsgType.ACK: _Spec(struct.Struct(">QQ"), Ack, 0),
     MsgType.PEER: _Spec(struct.Struct(">QQB"), Peer, 1),
+    MsgType.REPAIR_GET: _Spec(struct.Struct(">QBB"), RepairGet, 2),
+    MsgType.REPAIR_VALUE: _Spec(struct.Struct(">QQB"), RepairValue, 2),
+    MsgType.DAMAGED: _Spec(struct.Struct(">Q"), Damaged, 0),
 }
 
 #: What each socket may receive.
 STREAM_TYPES = frozenset({MsgType.RECORDS, MsgType.HEARTBEAT, MsgType.FLUSH})
-TO_PRIMARY = frozenset({MsgType.HELLO, MsgType.FETCH, MsgType.SNAP_OPEN, MsgType.SNAP_GET, MsgType.ACK})
+#: Both ways on the side channel: a node asks its peer for a value to repair its own.
+REPAIR_TYPES = frozenset({MsgType.REPAIR_GET, MsgType.REPAIR_VALUE})
+TO_PRIMARY = frozenset({MsgType.HELLO, MsgType.FETCH, MsgType.SNAP_OPEN, MsgType.SNAP_GET,
+                        MsgType.ACK}) | REPAIR_TYPES
 TO_STANDBY = frozenset({
     MsgType.WELCOME, MsgType.REFUSE, MsgType.RECORDS, MsgType.NOT_RETAINED, MsgType.SNAP_INFO,
-    MsgType.SNAP_WAIT, MsgType.SNAP_CHUNK, MsgType.SNAP_GONE,
-})
+    MsgType.SNAP_WAIT, MsgType.SNAP_CHUNK, MsgType.SNAP_GONE, MsgType.DAMAGED,
+}) | REPAIR_TYPES
 #: Primary to primary, both ways (see "PEER" above); epochs are judged by replica/fencing.py.
 PEER_TYPES = frozenset({MsgType.PEER})
-#: Messages that speak for a primary: stale when their epoch is below the receiver's.
-FROM_PRIMARY = STREAM_TYPES | TO_STANDBY
+#: Messages that speak for a primary: stale when their epoch is below the receiver's. (A
+#: repair answer is judged by what it holds, which its receiver verifies.)
+FROM_PRIMARY = STREAM_TYPES | (TO_STANDBY - REPAIR_TYPES)
 
 
 class BadMessage(Exception):
@@ -480,6 +531,24 @@ def _ack(message: Message) -> None:
         raise BadMessage("malformed", f"ACK durable {durable} > received {received}")
 
 
+def _repair_get(message: Message) -> None:
+    key, end = message.payload
+    ranged = message.body.flags == REPAIR_RANGE
+    if (not 1 <= message.body.db <= MAX_DB_TAG or message.body.flags & ~REPAIR_RANGE
+            or len(key) > MAX_REPAIR_KEY or len(end) > MAX_REPAIR_KEY or (not ranged and (not key or end))
+            or (ranged and key and end and key >= end)):
+        raise BadMessage("malformed", f"REPAIR_GET of db {message.body.db}, flags {message.body.flags}, "
+                         f"keys of {len(key)} and {len(end)} bytes")
+
+
+def _repair_value(message: Message) -> None:
+    value, context = message.payload
+    if message.body.status not in (REPAIR_FOUND, REPAIR_ABSENT, REPAIR_DAMAGED):
+        raise BadMessage("malformed", f"REPAIR_VALUE status {message.body.status}")
+    if message.body.status != REPAIR_FOUND and (value or context):
+        raise BadMessage("malformed", "REPAIR_VALUE without a value carries one")
+
+
 def _none(message: Message) -> None:
     pass
 
@@ -501,6 +570,9 @@ _VALIDATORS = {
     MsgType.SNAP_GONE: _none,
     MsgType.ACK: _ack,
     MsgType.PEER: _peer,
+    MsgType.REPAIR_GET: _repair_get,
+    MsgType.REPAIR_VALUE: _repair_value,
+    MsgType.DAMAGED: _none,
 }
 assert set(_VALIDATORS) == set(MsgType) == set(BODIES)
 

@@ -65,6 +65,7 @@ import zmq
 
 from journal.checkpoints import Checkpoints
 from journal.errors import CorruptRecord, SequenceGap, StaleEpoch, StoreError, StoreFull, WrongCluster
+from journal.integrity import DamagedValue
 from journal.schema import META_FENCED, META_ROLE, META_UPSTREAM, epoch_at
 from journal.store import Store, inspect_environment, is_store
 
@@ -79,6 +80,7 @@ from .common import (
     make_socket,
 )
 from .divergence import Divergence, divergence_point, export
+from .repair import Answer, RepairChannel, Repairer, answer_request
 from .security import Curve, HandshakeWatch
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ SNAPSHOT_TIMEOUT = 5.0
 #: Records waiting for their predecessors, at most (count and bytes).
 PENDING_RECORDS = 200_000
 PENDING_BYTES = 256 << 20
+#: A record that arrives failing its checksum this often stops the follower.
+CORRUPT_LIMIT = 2
 #: Records per apply_records call.
 APPLY_BATCH = 4096
 #: Sync at least this often when the primary does not wait for durable acks.
@@ -136,6 +140,12 @@ class State(str, enum.Enum):
     FOLLOWING = "following"  # caught up, applying the stream
     REFUSED = "refused"  # the primary will not serve this store (another cluster)
     FAILED = "failed"  # this store cannot apply the primary's journal
+
+
+class FollowerHalted(Exception):
+    """Following cannot go on, and restarting would not help (the primary's journal is
+    damaged): the follower stops, the node stays up (its mount, its status) for the
+    operator to see why."""
 
 
 class FollowerFatal(Exception):
@@ -357,9 +367,18 @@ class Follower:
         self._dealer: zmq.Socket | None = None
         self.outbox: list[list[bytes]] = []  # what would have been sent, with no socket (tests)
         self.identity = self.name.encode() + b"#" + uuid.uuid4().bytes[:4].hex().encode()
+        #: Values this store asks its primary for, to repair its own (replica/repair.py).
+        self.repair = RepairChannel()
+        self._repairers: dict[int, Repairer] = {}
+        #: How often the record of each seq arrived failing its checksum (the stream may
+        #: drop or mangle one; a second failure means the primary's copy is bad).
+        self._corrupt: dict[int, int] = {}
+        self._repairing: threading.Thread | None = None
 
     # --- life cycle -------------------------------------------------------------------
     def start(self) -> None:
+        if self.store is not None:
+            self._repair_from_primary(self.store)
         self._ctx = zmq.Context()
         started = Started()
         self._thread = threading.Thread(target=self._run, args=(started,), name="follower", daemon=True)
@@ -373,6 +392,9 @@ class Follower:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for repairer in self._repairers.values():
+            if repairer.store.repairer is repairer:
+                repairer.store.repairer = None
         self.snapshot.close()
         if self._ctx is not None:
             self._ctx.term()
@@ -457,6 +479,10 @@ class Follower:
                          if self.store else 0, self.known_last)
             elif self.last_heard is not None and time.monotonic() - self.last_heard < FAREWELL_WITHIN:
                 self._farewell(dealer)  # a clean stop, with a primary to tell
+        except FollowerHalted as exc:
+            self.state = State.FAILED
+            self.error = str(exc)
+            log.critical("STOPPED FOLLOWING %s: %s", self.primary, exc)
         except FollowerFatal as exc:
             self._fatal(str(exc), State.FAILED)
         except Exception as exc:
@@ -655,6 +681,18 @@ class Follower:
             log.info("primary retains records from seq %d only; this node needs %d: bootstrapping from "
                      "a snapshot", msg.body.first_seq, msg.body.start)
             self._begin_snapshot()
+        elif t is p.MsgType.DAMAGED:
+            if self._fetch is None:
+                raise p.BadMessage("unexpected", "DAMAGED without a fetch")
+            raise FollowerHalted(f"the primary's copy of journal record {msg.body.seq} is damaged (it fails "
+                                "its checksum there), so this node cannot follow past it: scrub the primary "
+                                "(mount.py scrub), or rebuild this node from a snapshot")
+        elif t is p.MsgType.REPAIR_GET:
+            body, payload = answer_request(self.store, msg.body, *msg.payload)
+            self._send(p.MsgType.REPAIR_VALUE, (msg.body.req_id, *body), payload or [b"", b""])
+        elif t is p.MsgType.REPAIR_VALUE:
+            value, context = msg.payload
+            self.repair.answered(msg.body.req_id, Answer(msg.body.last_seq, msg.body.status, value, context))
         elif t is p.MsgType.SNAP_INFO:
             self._snap_info(msg)
         elif t is p.MsgType.SNAP_WAIT:
@@ -729,7 +767,12 @@ class Follower:
         self.store = store
         self.synced = store.last_seq
         self.epoch = max(self.epoch, store.epoch)
+        self._repair_from_primary(store)
         self._on_store(store)
+
+    def _repair_from_primary(self, store: Store) -> None:
+        repairer = self._repairers.setdefault(id(store), Repairer(store, self.repair, "the primary"))
+        store.repairer = repairer
 
     # --- records ----------------------------------------------------------------------
     def _receive(self, first_seq: int, raws: list[bytes]) -> None:
@@ -765,8 +808,21 @@ class Follower:
                 store.apply_records(batch)
             except StaleEpoch as exc:
                 self.drops.drop("stale_epoch", str(exc))
-            except (CorruptRecord, WrongCluster, SequenceGap) as exc:
+            except CorruptRecord as exc:
+                bad = store.last_seq + 1
+                self._corrupt[bad] = self._corrupt.get(bad, 0) + 1
+                if self._corrupt[bad] >= CORRUPT_LIMIT:
+                    raise FollowerHalted(f"record {bad} from the primary failed its checksum {CORRUPT_LIMIT} "
+                                        f"times ({exc}): its copy is damaged; scrub the primary") from exc
+                self.drops.drop("record", f"{exc} (fetched again)")
+            except (WrongCluster, SequenceGap) as exc:
                 self.drops.drop("record", str(exc))
+            except DamagedValue as exc:
+                # This store's own copy of something the record changes is damaged: a
+                # repair from the primary needs this thread (it owns the socket), so the
+                # records wait, and the repair runs beside it.
+                self._repair_aside(store, exc)
+                break
             except StoreFull as exc:
                 raise FollowerFatal(f"this store is full: {exc}") from exc
             except StoreError as exc:
@@ -775,9 +831,24 @@ class Follower:
             if store.last_seq == before:
                 break
 
+    def _repair_aside(self, store: Store, damage: DamagedValue) -> None:
+        if self._repairing is not None and self._repairing.is_alive():
+            return
+        self._repairing = threading.Thread(target=store.handle_damage, args=(damage,), name="repair",
+                                           daemon=True)
+        self._repairing.start()
+
+    def _ask_for_repairs(self) -> None:
+        for request in self.repair.outgoing():
+            if self.state in (State.CONNECTING, State.SNAPSHOT) or self._dealer is None:
+                self.repair.answered(request.req_id, None)
+                continue
+            self._send(p.MsgType.REPAIR_GET, *request.frames())
+
     def _step(self) -> None:
         """Everything that follows from the messages handled so far: apply, fetch, ack."""
         now = time.monotonic()
+        self._ask_for_repairs()
         if self.state is State.CONNECTING and now - self._hello_at >= HELLO_RETRY:
             self._hello()
         if self.state is State.SNAPSHOT:

@@ -34,9 +34,17 @@ from journal.errors import (
     NotPermitted,
     StoreFull,
 )
+from journal.integrity import seal, unseal
 from journal.records import WRITE_DATA_START, decode_record, encode_record
 from journal.schema import (
     BLOCK_SIZE,
+    DB_BLOCKS,
+    DB_DIRENTS,
+    DB_INODES,
+    DB_JOURNAL,
+    DB_META,
+    DB_SYMLINKS,
+    DB_XATTRS,
     ROOT_INO,
     Inode,
     block_data_value,
@@ -791,7 +799,20 @@ def test_group_commit_from_many_threads(make_store) -> None:
 
 
 # --- the checker ----------------------------------------------------------------------
-def _raw_put(store: Store, db: object, key: bytes, value: bytes | None) -> None:
+def _db_name(store: Store, db: object) -> bytes:
+    db_set = store.db
+    names = {id(db_set.meta): DB_META, id(db_set.inodes): DB_INODES, id(db_set.dirents): DB_DIRENTS,
+             id(db_set.blocks): DB_BLOCKS, id(db_set.symlinks): DB_SYMLINKS, id(db_set.xattrs): DB_XATTRS,
+             id(db_set.journal): DB_JOURNAL}
+    return names[id(db)]
+
+
+def _raw_put(store: Store, db: object, key: bytes, value: bytes | None, sealed: bool = True) -> None:
+    """Put `value` behind apply's back; sealed with a valid checksum (a logical damage
+    the checksum cannot see) unless `sealed` is false or it is a journal record."""
+    name = _db_name(store, db)
+    if value is not None and sealed and name != DB_JOURNAL:
+        value = seal(name, key, value)
     with store.env.begin(write=True) as txn:
         if value is None:
             txn.delete(key, db=db)
@@ -799,11 +820,20 @@ def _raw_put(store: Store, db: object, key: bytes, value: bytes | None) -> None:
             txn.put(key, value, db=db)
 
 
+def _flip(store: Store, db: object, key: bytes, at: int = 0) -> None:
+    """Flip one bit of the stored value of `key`, as a bad disk or a stray write would."""
+    with store.env.begin(write=True) as txn:
+        raw = bytearray(txn.get(key, db=db))
+        raw[at] ^= 0x10
+        txn.put(key, bytes(raw), db=db)
+
+
 def _raw_get(store: Store, db: object, key: bytes) -> bytes:
+    """The stored value of `key`, without its checksum."""
     with store.env.begin() as txn:
         value = txn.get(key, db=db)
     assert value is not None
-    return value
+    return unseal(_db_name(store, db), key, value).tobytes()
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -830,6 +860,14 @@ def _raw_get(store: Store, db: object, key: bytes) -> bytes:
     ("epoch history", "epoch history not ascending"),
     ("foreign record", "is not the store's"),
     ("record seq", "header says seq"),
+    ("flipped block byte", "damaged data of inode"),
+    ("flipped inode byte", "damaged attributes of inode"),
+    ("flipped dirent byte", "damaged directory entry b'f'"),
+    ("flipped symlink byte", "damaged symlink target"),
+    ("flipped xattr byte", "damaged extended attribute b'user.k'"),
+    ("flipped meta byte", "damaged store metadata 'epoch'"),
+    ("flipped referred record byte", "damaged data of inode"),
+    ("block count", "stored blocks"),
 ])
 def test_fsck_reports_damage(tmp_path: Path, damage: str, expected: str) -> None:
     """The checker the other tests rely on does see broken invariants."""
@@ -901,6 +939,26 @@ def test_fsck_reports_damage(tmp_path: Path, damage: str, expected: str) -> None
             seq = 2 if damage == "foreign record" else 99
             raw = encode_record(cluster, 1, seq, ops.Truncate(ino=f, size=0, time_ns=1))
             _raw_put(store, db.journal, u64(2), raw)
+        elif damage == "flipped block byte":
+            fs.write(f, 3, b"abc")  # a partial write: block 0 now holds its own bytes
+            _flip(store, db.blocks, block_key(f, 0), at=20)
+        elif damage == "flipped inode byte":
+            _flip(store, db.inodes, u64(f), at=20)
+        elif damage == "flipped dirent byte":
+            _flip(store, db.dirents, dirent_key(a, b"f"), at=7)
+        elif damage == "flipped symlink byte":
+            _flip(store, db.symlinks, u64(s), at=2)
+        elif damage == "flipped xattr byte":
+            fs.setxattr(f, b"user.k", b"value")
+            _flip(store, db.xattrs, u64(f) + b"user.k", at=0)
+        elif damage == "flipped meta byte":
+            _flip(store, db.meta, b"epoch", at=7)
+        elif damage == "flipped referred record byte":
+            ref = parse_block_ref(_raw_get(store, db.blocks, block_key(f, 0)))
+            assert ref is not None
+            _flip(store, db.journal, u64(ref[0]), at=ref[1] + 100)
+        elif damage == "block count":
+            _raw_put(store, db.inodes, u64(f), _with(node, blocks=node.blocks + 1).pack())
         problems = fsck(store)
         assert problems, damage
         assert any(expected in p for p in problems), problems
@@ -1091,7 +1149,8 @@ def _block_kinds(store: Store, ino: int) -> dict[int, str]:
             for key, value in cursor:
                 if key[:8] != u64(ino):
                     break
-                kinds[int.from_bytes(key[8:], "big")] = "data" if parse_block_ref(value) is None else "ref"
+                ref = parse_block_ref(unseal(DB_BLOCKS, key, value))
+                kinds[int.from_bytes(key[8:], "big")] = "data" if ref is None else "ref"
         return kinds
 
 

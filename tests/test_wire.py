@@ -61,7 +61,26 @@ BODY_VALUES = {
     p.MsgType.SNAP_GONE: ((7,), []),
     p.MsgType.ACK: ((9, 8), []),
     p.MsgType.PEER: ((9, 5, p.PEER_REPLY), [b"node"]),
+    p.MsgType.REPAIR_GET: ((4, 3, p.REPAIR_RANGE), [b"\0" * 8 + b"a", b"\0" * 8 + b"b"]),
+    p.MsgType.REPAIR_VALUE: ((4, 9, p.REPAIR_FOUND), [b"value", b"inode"]),
+    p.MsgType.DAMAGED: ((7,), []),
 }
+
+
+@pytest.mark.parametrize("body, payload", [
+    ((1, 0, 0), [b"key", b""]),  # no such database
+    ((1, 8, 0), [b"key", b""]),
+    ((1, 3, 0), [b"", b""]),  # no key
+    ((1, 3, 0), [b"key", b"end"]),  # an end without REPAIR_RANGE
+    ((1, 3, p.REPAIR_RANGE), [b"b", b"a"]),  # a range that ends before it begins
+    ((1, 3, 0x80), [b"key", b""]),
+    ((1, 3, 0), [b"k" * (p.MAX_REPAIR_KEY + 1), b""]),
+])
+def test_malformed_repair_requests_are_refused(body: tuple, payload: list[bytes]) -> None:
+    with pytest.raises(p.BadMessage, match="malformed"):
+        p.decode(p.encode(p.MsgType.REPAIR_GET, CLUSTER, 1, body, payload), p.TO_PRIMARY)
+    with pytest.raises(p.BadMessage, match="malformed"):
+        p.decode(p.encode(p.MsgType.REPAIR_VALUE, CLUSTER, 1, (1, 1, 9), [b"", b""]), p.TO_STANDBY)
 
 
 @pytest.mark.parametrize("type_", list(p.MsgType))
