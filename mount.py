@@ -30,9 +30,12 @@ def _setup_logging(verbose: bool) -> None:
 
 #: The smallest --max-size: a store needs a few pages of LMDB metadata before any file.
 MIN_STORE_SIZE = 1 << 20
+#: The largest: LMDB maps the whole size into the address space (x86-64 gives a process
+#: 128 TiB of it).
+MAX_STORE_SIZE = 64 << 40
 
 
-def _size_at_least(minimum: int) -> Callable[[str], int]:
+def _size_at_least(minimum: int, maximum: int = 1 << 62) -> Callable[[str], int]:
     def size(text: str) -> int:
         from journal.store import parse_size
 
@@ -43,6 +46,8 @@ def _size_at_least(minimum: int) -> Callable[[str], int]:
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text!r} is too small: at least {minimum} bytes"
                                              + (f" ({minimum >> 20}M)" if minimum >= 1 << 20 else ""))
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is too large: at most {maximum >> 40}T")
         return value
 
     return size
@@ -669,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
 
         p.add_argument("--data", required=True, metavar="DIR", help="the store's data directory",
                        type=_data_dir(must_exist=must_exist, parent_must_exist=True))
-        p.add_argument("--max-size", type=_size_at_least(MIN_STORE_SIZE), default=None, metavar="SIZE",
+        p.add_argument("--max-size", type=_size_at_least(MIN_STORE_SIZE, MAX_STORE_SIZE), default=None,
+                       metavar="SIZE",
                        help="the store's size limit, e.g. 10G (default: as stored, or 64G for a new store); "
                        "df shows it, and a full store answers ENOSPC")
         p.add_argument("--checkpoint-interval", type=_seconds, default=DEFAULT_INTERVAL, metavar="SECONDS",
@@ -906,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.exit(2, f"{parser.prog} {args.verb}: error: {problem}\n")
     _setup_logging(args.verbose)
+    import lmdb
     import zmq
 
     from fs.mounting import MountpointError
@@ -919,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except zmq.ZMQError as exc:  # e.g. a --listen port another process holds
         log.error("cannot open a replication socket: %s", exc)
+        return 2
+    except lmdb.Error as exc:  # e.g. a map larger than this machine can map
+        log.error("cannot use the store: %s", exc)
         return 2
 
 

@@ -47,6 +47,7 @@ BAD_ARGUMENTS = [
     ("primary --data {new} --mount {mnt} --max-size -5", "argument --max-size", "too small"),
     ("primary --data {new} --mount {mnt} --max-size 0", "argument --max-size", "too small"),
     ("primary --data {new} --mount {mnt} --max-size 1K", "argument --max-size", "too small"),
+    ("primary --data {new} --mount {mnt} --max-size 100000T", "argument --max-size", "too large"),
     ("primary --data {new} --mount {mnt} --max-size lots", "argument --max-size", "not a size"),
     ("primary --data {new} --mount {mnt} --max-size infG", "argument --max-size", "not a size"),
     ("primary --data {new} --mount {mnt} --retain-bytes -1", "argument --retain-bytes", "too small"),
