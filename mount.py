@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 log = logging.getLogger("tandemfs")
 
@@ -23,13 +26,140 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _size(text: str) -> int:
-    from journal.store import parse_size
+# --- argument types: a bad value is one line of usage error and exit 2 --------------------
+
+#: The smallest --max-size: a store needs a few pages of LMDB metadata before any file.
+MIN_STORE_SIZE = 1 << 20
+#: The largest: LMDB maps the whole size into the address space (x86-64 gives a process
+#: 128 TiB of it).
+MAX_STORE_SIZE = 64 << 40
+
+
+def _size_at_least(minimum: int, maximum: int = 1 << 62) -> Callable[[str], int]:
+    def size(text: str) -> int:
+        from journal.store import parse_size
+
+        try:
+            value = parse_size(text)
+        except (ValueError, OverflowError) as exc:
+            raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 64G)") from exc
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is too small: at least {minimum} bytes"
+                                             + (f" ({minimum >> 20}M)" if minimum >= 1 << 20 else ""))
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is too large: at most {maximum >> 40}T")
+        return value
+
+    return size
+
+
+_size = _size_at_least(0)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def _count_at_least(minimum: int) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is too small: at least {minimum}")
+        return value
+
+    return count
+
+
+def _endpoint(bind: bool) -> Callable[[str], str]:
+    """tcp://HOST:PORT with PORT in 1..65535. HOST to connect to is an IP address or a host
+    name; HOST to bind is an address of this machine (or a name of one), or * for all."""
+
+    def endpoint(text: str) -> str:
+        import ipaddress
+        import socket
+
+        head, sep, port = text.rpartition(":")
+        if not text.startswith("tcp://") or not sep or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is not tcp://HOST:PORT")
+        if not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"port {port} of {text!r} is not in 1..65535")
+        host = head.removeprefix("tcp://")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if host == "*" and bind:
+            return text
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+            labels = host.split(".")
+            if not host or len(host) > 253 or host.replace(".", "").isdigit() or not all(
+                    label and len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+                    and not label.startswith("-") for label in labels):
+                raise argparse.ArgumentTypeError(f"{host!r} in {text!r} is not an IP address or a host name"
+                                                 ) from None
+        if not bind:
+            return text
+        try:
+            infos = [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET, str(literal))] if literal \
+                else [(family, info[0]) for family, _, _, _, info in socket.getaddrinfo(
+                    host, None, type=socket.SOCK_STREAM)]
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{host!r} in {text!r} does not resolve: {exc.strerror}"
+                                             ) from None
+        for family, address in infos:
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    probe.bind((address, 0))
+                return text
+            except OSError:
+                continue
+        raise argparse.ArgumentTypeError(f"{host!r} in {text!r} is not an address of this machine")
+
+    return endpoint
+
+
+def _node_name(text: str) -> str:
+    """A node's name as the wire carries it: 1 to 64 bytes of UTF-8."""
+    from replica.protocol import MAX_NAME
 
     try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 64G)") from exc
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8") from None
+    if not 1 <= size <= MAX_NAME:
+        raise argparse.ArgumentTypeError(f"a node's name is 1 to {MAX_NAME} bytes, not {size}")
+    return text
+
+
+def _data_dir(must_exist: bool, parent_must_exist: bool = False) -> Callable[[str], str]:
+    """--data: a directory; one that need not exist yet must not be a file, and where a verb
+    creates it, its parent must exist (a typo in a path is an error, not a new tree)."""
+
+    def data(text: str) -> str:
+        path = os.path.abspath(text)
+        if os.path.isdir(path):
+            return text
+        if os.path.exists(path):
+            raise argparse.ArgumentTypeError(f"{text} is not a directory")
+        if must_exist:
+            raise argparse.ArgumentTypeError(f"{text} does not exist")
+        if parent_must_exist and not os.path.isdir(os.path.dirname(path)):
+            raise argparse.ArgumentTypeError(f"{text}: its parent directory {os.path.dirname(path)} does "
+                                             "not exist")
+        return text
+
+    return data
 
 
 def _config(args: argparse.Namespace, **extra: object):
@@ -69,6 +199,19 @@ def _curve(args: argparse.Namespace, role: str):
     return curve
 
 
+def _mountpoint_ready(mountpoint: str) -> bool:
+    """Whether a node may mount on `mountpoint` (a dead mount of a killed node is cleared
+    first); says why not in one line."""
+    from fs.mounting import MountpointError, prepare_mountpoint
+
+    try:
+        prepare_mountpoint(mountpoint)
+    except MountpointError as exc:
+        log.error("%s", exc)
+        return False
+    return True
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from replica.security import SecurityError, keygen
 
@@ -88,8 +231,7 @@ def cmd_primary(args: argparse.Namespace) -> int:
     from replica.primary import Durability, OnStandbyLoss
     from replica.security import SecurityError
 
-    if not os.path.isdir(args.mount):
-        log.error("mountpoint %s is not a directory", args.mount)
+    if not _mountpoint_ready(args.mount):
         return 2
     try:
         config = _config(args, group_commit=args.group_commit, listen=args.listen,
@@ -108,12 +250,11 @@ def cmd_standby(args: argparse.Namespace) -> int:
     from replica.primary import Durability, OnStandbyLoss
     from replica.security import SecurityError
 
-    if args.mount and not os.path.isdir(args.mount):
-        log.error("mountpoint %s is not a directory", args.mount)
+    if args.auto_promote_after is not None and not args.mount:
+        log.error("--auto-promote-after needs --mount (a promoted node serves the filesystem through its "
+                  "mount)")
         return 2
-    if args.auto_promote_after is not None and (args.auto_promote_after <= 0 or not args.mount):
-        log.error("--auto-promote-after takes a positive number of seconds, and needs --mount (a promoted "
-                  "node serves the filesystem through its mount)")
+    if args.mount and not _mountpoint_ready(args.mount):
         return 2
     try:
         curve = _curve(args, "standby")
@@ -154,9 +295,6 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from replica.promotion import PromoteRequest, PromotionRefused
     from replica.security import SecurityError
 
-    if args.mount and not os.path.isdir(args.mount):
-        log.error("mountpoint %s is not a directory", args.mount)
-        return 2
     wanted = PromoteRequest(
         force=args.force, listen=args.listen, control=args.control, mount=args.mount,
         durability=Durability(args.durability) if args.durability else None, sync_timeout=args.sync_timeout,
@@ -188,6 +326,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if not args.mount:
         log.error("no node runs on %s: give --mount MNT to start its data as the new primary", args.data)
         return 2
+    if not _mountpoint_ready(args.mount):  # (a running node checks the mountpoint it is given itself)
+        return 2
 
     def promoted(takeover: object) -> None:
         values = takeover.as_dict()  # type: ignore[attr-defined]
@@ -214,8 +354,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from fs.operations import TandemFS
     from journal.store import Store, is_store
 
-    if not os.path.isdir(args.mount):
-        log.error("mountpoint %s is not a directory", args.mount)
+    if not _mountpoint_ready(args.mount):
         return 2
     if not is_store(args.data):
         log.error("%s holds no store", args.data)
@@ -590,12 +729,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         time.sleep(0.2)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (`mount.py VERB: error: ...`, exit 2): the usage text of a
+    verb runs to a dozen lines and would bury the error; --help shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mount.py", description=__doc__)
+    parser = _Parser(prog="mount.py", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def node_options(p: argparse.ArgumentParser) -> None:
+    def node_options(p: argparse.ArgumentParser, must_exist: bool = False) -> None:
         from journal.checkpoints import (
             DEFAULT_INTERVAL,
             DEFAULT_KEEP,
@@ -605,22 +752,25 @@ def build_parser() -> argparse.ArgumentParser:
             DEFAULT_TAIL_RECORDS,
         )
 
-        p.add_argument("--data", required=True, metavar="DIR", help="the store's data directory")
-        p.add_argument("--max-size", type=_size, default=None, metavar="SIZE",
+        p.add_argument("--data", required=True, metavar="DIR", help="the store's data directory",
+                       type=_data_dir(must_exist=must_exist, parent_must_exist=True))
+        p.add_argument("--max-size", type=_size_at_least(MIN_STORE_SIZE, MAX_STORE_SIZE), default=None,
+                       metavar="SIZE",
                        help="the store's size limit, e.g. 10G (default: as stored, or 64G for a new store); "
                        "df shows it, and a full store answers ENOSPC")
-        p.add_argument("--checkpoint-interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
+        p.add_argument("--checkpoint-interval", type=_seconds, default=DEFAULT_INTERVAL, metavar="SECONDS",
                        help="take a checkpoint this often when the journal has grown "
                        f"(default {DEFAULT_INTERVAL:.0f})")
-        p.add_argument("--keep-checkpoints", type=int, default=DEFAULT_KEEP, metavar="N",
+        p.add_argument("--keep-checkpoints", type=_count_at_least(1), default=DEFAULT_KEEP, metavar="N",
                        help=f"checkpoints kept in DIR/checkpoints (default {DEFAULT_KEEP})")
-        p.add_argument("--retain-records", type=int, default=DEFAULT_RETAIN_RECORDS, metavar="N",
+        p.add_argument("--retain-records", type=_count_at_least(0), default=DEFAULT_RETAIN_RECORDS,
+                       metavar="N",
                        help="retention bound: never keep more journal records than this for a lagging "
                        f"standby (default {DEFAULT_RETAIN_RECORDS})")
         p.add_argument("--retain-bytes", type=_size, default=DEFAULT_RETAIN_BYTES, metavar="SIZE",
                        help="retention bound in bytes of journal (default "
                        f"{DEFAULT_RETAIN_BYTES >> 30}G, at most a quarter of --max-size)")
-        p.add_argument("--tail-records", type=int, default=DEFAULT_TAIL_RECORDS, metavar="N",
+        p.add_argument("--tail-records", type=_count_at_least(0), default=DEFAULT_TAIL_RECORDS, metavar="N",
                        help="journal records kept when no standby needs them, for one that reconnects "
                        f"(default {DEFAULT_TAIL_RECORDS})")
         p.add_argument("--tail-bytes", type=_size, default=DEFAULT_TAIL_BYTES, metavar="SIZE",
@@ -653,18 +803,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     def promotion_options(p: argparse.ArgumentParser, standby: bool) -> None:
         once = "once promoted: " if standby else ""
-        p.add_argument("--listen", metavar="tcp://HOST:PORT",
+        p.add_argument("--listen", metavar="tcp://HOST:PORT", type=_endpoint(bind=True),
                        help=f"{once}publish the stream here, side channel on PORT+1 (default: the ports the "
                        "old primary used, on this machine's address towards it; on one machine, the same "
                        "address)")
         p.add_argument("--durability", choices=["async", "received", "durable"], default=None,
                        help=f"{once}what fsync waits for (default: what the old primary announced)")
-        p.add_argument("--sync-timeout", type=float, default=5.0 if standby else None, metavar="SECONDS",
+        p.add_argument("--sync-timeout", type=_seconds, default=5.0 if standby else None, metavar="SECONDS",
                        help=f"{once}how long fsync waits for a standby's ack (default 5)")
         p.add_argument("--on-standby-loss", choices=["block", "degrade"],
                        default="block" if standby else None,
                        help=f"{once}when no standby acks in time: block (default) or degrade to async")
-        p.add_argument("--peer", action="append", metavar="tcp://HOST:PORT",
+        p.add_argument("--peer", action="append", metavar="tcp://HOST:PORT", type=_endpoint(bind=False),
                        help=f"{once}another node's stream address to exchange epochs with (repeatable; the "
                        "old primary's side channel is always included)")
 
@@ -677,24 +827,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-commit", action=argparse.BooleanOptionalAction, default=False,
                    help="batch operations of concurrent FUSE threads in one transaction "
                    "(default off: measured slower, see README)")
-    p.add_argument("--listen", metavar="tcp://HOST:PORT",
+    p.add_argument("--listen", metavar="tcp://HOST:PORT", type=_endpoint(bind=True),
                    help="publish the journal stream here (without it: a single node)")
-    p.add_argument("--control", metavar="tcp://HOST:PORT2",
+    p.add_argument("--control", metavar="tcp://HOST:PORT2", type=_endpoint(bind=True),
                    help="the side channel standbys talk to (default: the --listen port + 1)")
     p.add_argument("--durability", choices=["async", "received", "durable"], default="async",
                    help="what fsync waits for: the local disk only (async), a standby having the records "
                    "(received), or a standby having synced them (durable); default async")
-    p.add_argument("--sync-timeout", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--sync-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                    help="how long fsync waits for a standby's ack before --on-standby-loss applies "
                    "(default 5)")
     p.add_argument("--on-standby-loss", choices=["block", "degrade"], default="block",
                    help="when no standby acks in time: keep fsync waiting (block, default) or fall back to "
                    "async until a standby catches up (degrade)")
-    p.add_argument("--peer", action="append", metavar="tcp://HOST:PORT",
+    p.add_argument("--peer", action="append", metavar="tcp://HOST:PORT", type=_endpoint(bind=False),
                    help="another node's stream address (repeatable): this primary tells it its epoch and "
                    "learns its (PEER, on that node's side channel PORT+1), so that of two primaries the one "
                    "of the older epoch is fenced as soon as they can reach each other")
-    p.add_argument("--name", help="this node's name in other nodes' status (default: host:dir)")
+    p.add_argument("--name", type=_node_name,
+                   help="this node's name in other nodes' status (default: host:dir)")
     curve_options(p, "primary")
     p.set_defaults(func=cmd_primary)
 
@@ -703,14 +854,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "the store from the primary if DIR is empty). Exits 0 on SIGTERM/SIGINT, "
                          "unmounting if mounted; exits 3 if the primary's journal cannot be followed.")
     node_options(p)
-    p.add_argument("--primary", required=True, metavar="tcp://HOST:PORT",
+    p.add_argument("--primary", required=True, metavar="tcp://HOST:PORT", type=_endpoint(bind=False),
                    help="the primary's --listen address")
-    p.add_argument("--control", metavar="tcp://HOST:PORT2",
+    p.add_argument("--control", metavar="tcp://HOST:PORT2", type=_endpoint(bind=False),
                    help="the primary's side channel (default: the --primary port + 1)")
     p.add_argument("--mount", metavar="MNT", help="also mount the state read-only here (writes: EROFS)")
-    p.add_argument("--name", help="this standby's name in the primary's status (default: host:dir)")
+    p.add_argument("--name", type=_node_name,
+                   help="this standby's name in the primary's status (default: host:dir)")
     promotion_options(p, standby=True)
-    p.add_argument("--auto-promote-after", type=float, metavar="SECONDS",
+    p.add_argument("--auto-promote-after", type=_seconds, metavar="SECONDS",
                    help="promote this standby on its own after SECONDS without a heartbeat from the primary "
                    "(only if it had been following and holds every record the primary announced; needs "
                    "--mount). Off by default. WARNING: with two machines and no third party, a network "
@@ -729,19 +881,19 @@ def build_parser() -> argparse.ArgumentParser:
         "`primary`). Refuses an empty node, and one known to be behind the last seq its primary announced, "
         "unless --force. Prints the seq it took over at and how many records it may lack. Exits 0 when "
         "promoted, 1 when refused, 2 on other errors.")
-    node_options(p)
+    node_options(p, must_exist=True)
     p.add_argument("--mount", metavar="MNT", help="mount here read-write (required if no node runs on DIR; "
                    "for a running standby without a mount)")
     p.add_argument("--force", action="store_true",
                    help="promote even a node known to be behind (its missing records are lost to the "
                    "cluster), or the data of a node that was last a primary")
-    p.add_argument("--control", metavar="tcp://HOST:PORT2",
+    p.add_argument("--control", metavar="tcp://HOST:PORT2", type=_endpoint(bind=True),
                    help="the side channel to serve (default: the old primary's side-channel port on the same "
                    "host as --listen, or --listen's port + 1)")
     promotion_options(p, standby=False)
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    p.add_argument("--name", help="a stopped node's name once it runs (default: host:dir)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--name", type=_node_name, help="a stopped node's name once it runs (default: host:dir)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                    help="how long to wait for a running node's answer (default 60)")
     curve_options(p, "promote")
     p.set_defaults(func=cmd_promote)
@@ -759,23 +911,23 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Mount the store in DIR read-only (kernel ro, writes EROFS), with no "
                          "replication and no control socket: to look into the state/ a rejoin kept beside "
                          "its divergent records, or into a checkpoint. Ends on SIGTERM/SIGINT or unmount.")
-    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=True))
     p.add_argument("--mount", required=True, metavar="MNT")
     p.set_defaults(func=cmd_inspect)
 
     p = verbs.add_parser("status", help="show a running node's role, seqs, lag, standbys, durability",
                          description="Ask the node running on DIR (through its control socket) for its "
                          "status. Exits 1 if no node runs there.")
-    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=False))
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS")
     p.set_defaults(func=cmd_status)
 
     p = verbs.add_parser("checkpoint", help="ask the running node for a checkpoint now",
                          description="Ask the node running on DIR to take a checkpoint now (and prune its "
                          "journal as far as retention allows); prints the checkpoint's seq and path.")
-    p.add_argument("--data", required=True, metavar="DIR")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=False))
+    p.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS")
     p.set_defaults(func=cmd_checkpoint)
 
     p = verbs.add_parser("forget", help="stop keeping the journal for a standby that is gone",
@@ -784,14 +936,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "taken out of service. If that standby comes back, it says hello again and is "
                          "known again; if the journal it needs is gone by then, it bootstraps from a "
                          "snapshot.")
-    p.add_argument("--data", required=True, metavar="DIR")
-    p.add_argument("--standby", required=True, metavar="NAME")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=False))
+    p.add_argument("--standby", required=True, metavar="NAME", type=_node_name)
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS")
     p.set_defaults(func=cmd_forget)
 
     p = verbs.add_parser("fsck", help="check a store's invariants (not mounted)",
                          description="Check every invariant of a store; exits 1 on any violation.")
-    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=True))
     p.set_defaults(func=cmd_fsck)
 
     p = verbs.add_parser("upgrade", help="bring a store written by an older tandemfs to this format",
@@ -799,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "version's format. The node must be stopped; upgrade every node of a cluster "
                          "before starting any. An interrupted upgrade goes on where it stopped when run "
                          "again; on a store already at this format it does nothing.")
-    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=True))
     p.set_defaults(func=cmd_upgrade)
 
     p = verbs.add_parser("scrub", help="verify every value and record of a store, repair what is damaged",
@@ -817,40 +969,75 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print a SHA-256 digest of the filesystem state (not the journal) "
                          "and the seq it was taken at; equal states print equal digests. Asks the running "
                          "node if there is one, else reads the store.")
-    p.add_argument("--data", required=True, metavar="DIR")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=True))
+    p.add_argument("--timeout", type=_seconds, default=300.0, metavar="SECONDS")
     p.set_defaults(func=cmd_digest)
 
     p = verbs.add_parser("verify", help="wait until two nodes reach the same seq and compare digests",
                          description="Wait until the stores in both DIRs (running or not) are at the same "
                          "seq, then compare their digests. Exits 0 on a match, 1 on a mismatch, 2 if "
                          "they do not reach the same seq before the deadline.")
-    p.add_argument("--data", required=True, metavar="DIR", action="append", help="give it twice")
-    p.add_argument("--deadline", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=False), action="append",
+                   help="give it twice")
+    p.add_argument("--deadline", type=_seconds, default=60.0, metavar="SECONDS",
                    help="how long to wait for equal seqs (default 60)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds, default=300.0, metavar="SECONDS",
                    help="how long one request to a node may take")
     p.set_defaults(func=cmd_verify)
     return parser
 
 
+def _check_together(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments taken together (None: nothing)."""
+    derived = {"primary": "listen", "standby": "primary"}.get(args.verb)
+    address = getattr(args, derived, None) if derived else None
+    if address and not args.control and address.endswith(":65535"):
+        return f"--{derived} {address}: the side channel would be on port 65535 + 1; give --control"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_together(args)
+    if problem:
+        parser.exit(2, f"{parser.prog} {args.verb}: error: {problem}\n")
     _setup_logging(args.verbose)
     import lmdb
+    import zmq
 
+    from fs.mounting import MountpointError
     from journal.errors import StoreDamaged, StoreError
     from replica.security import SecurityError
 
     try:
         return args.func(args)
-    except (StoreDamaged, lmdb.Error) as exc:
+    except (StoreDamaged, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError) as exc:
         log.error("%s", exc)  # the store's file is the problem, not the command
         return 1
-    except (StoreError, SecurityError) as exc:
+    except (StoreError, SecurityError, MountpointError) as exc:
         log.error("%s", exc)
+        return 2
+    except zmq.ZMQError as exc:  # e.g. a --listen port another process holds
+        log.error("cannot open a replication socket: %s", exc)
+        return 2
+    except lmdb.Error as exc:  # e.g. a map larger than this machine can map
+        log.error("cannot use the store: %s", exc)
         return 2
 
 
+def run() -> int:
+    """main(), quiet when the reader of stdout goes away (`mount.py status | head -1`)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # as a process killed by SIGPIPE
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

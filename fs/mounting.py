@@ -7,12 +7,16 @@ external `fusermount -u`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .aliases import LinkAliases
 from .binding import CAN_INVALIDATE, FUSE, LIBFUSE_MAJOR, NAME, invalidate_path
@@ -77,7 +81,9 @@ def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB, timeout: float = 30
 
 
 def serve(operations: TandemFS, mountpoint: str, read_only: bool = False) -> None:
-    """Mount and serve until unmounted."""
+    """Mount and serve until unmounted; raises MountpointError (before mounting) if the
+    mountpoint cannot be used (see `prepare_mountpoint`)."""
+    prepare_mountpoint(mountpoint)
     threading.Thread(target=set_read_ahead, args=(mountpoint,), name="read-ahead", daemon=True).start()
     log.info("mounting %s on %s (binding %s, libfuse%d%s)", operations.store.path, mountpoint, NAME,
              LIBFUSE_MAJOR, ", read-only" if read_only else "")
@@ -97,12 +103,123 @@ def serve(operations: TandemFS, mountpoint: str, read_only: bool = False) -> Non
     log.info("unmounted %s", mountpoint)
 
 
+class MountpointError(Exception):
+    """A mountpoint a node must not mount on: not a directory, or something is mounted
+    there (and is not a dead tandemfs mount that could be cleared)."""
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    source: str
+    fstype: str
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.fstype})"
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_at(mountpoint: str | os.PathLike) -> list[MountEntry]:
+    """What is mounted on `mountpoint`, bottom first (the last one is what a lookup sees),
+    from /proc/self/mountinfo: unlike a stat, this answers for a dead FUSE mount too."""
+    target = os.path.realpath(mountpoint)
+    found = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if "-" not in fields[6:]:
+                continue
+            separator = fields.index("-", 6)
+            if _unescape(fields[4]) == target and len(fields) > separator + 2:
+                found.append(MountEntry(target, _unescape(fields[separator + 2]), fields[separator + 1]))
+    return found
+
+
 def is_mounted(mountpoint: str | os.PathLike) -> bool:
     """Whether anything is mounted there, also a dead FUSE mount whose server was killed
     (which os.path.ismount cannot stat)."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
+    return bool(mounts_at(mountpoint))
+
+
+#: How long a stat of a mountpoint may take before its filesystem counts as hung (seconds).
+PROBE_TIMEOUT = 2.0
+
+
+def _probe(path: str, call: Callable[[str], object] = os.statvfs) -> int | None:
+    """The errno `call(path)` fails with (0: it answers); None if it does not answer in time
+    (a FUSE server stopped but not dead). statvfs by default: unlike a stat, the kernel
+    answers it from no cache, so a mount whose server just died says ENOTCONN at once. The
+    call runs in a thread of its own, since it could block for as long as such a server
+    sleeps."""
+    result: list[int] = []
+
+    def stat() -> None:
+        try:
+            call(path)
+            result.append(0)
+        except OSError as exc:
+            result.append(exc.errno or errno.EIO)
+
+    thread = threading.Thread(target=stat, name="probe-mountpoint", daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT)
+    return result[0] if result else None
+
+
+def _is_tandemfs(entry: MountEntry) -> bool:
+    return entry.fstype == "fuse.tandemfs" or entry.source.startswith("tandemfs:")
+
+
+def _lazy_unmount(path: str) -> bool:
+    """Detach whatever is mounted on `path` (lazily: nothing can be in use on a dead mount
+    anyway); returns whether that took something off."""
+    before = len(mounts_at(path))
+    for command in (["fusermount3", "-u", "-z"], ["fusermount", "-u", "-z"], ["umount", "-l"]):
+        tool = shutil.which(command[0])
+        if tool is None:
+            continue
+        subprocess.run([tool, *command[1:], path], capture_output=True, timeout=30)
+        if len(mounts_at(path)) < before:
+            return True
+    return False
+
+
+def prepare_mountpoint(mountpoint: str | os.PathLike) -> None:
+    """Make `mountpoint` ready to mount on, or raise MountpointError saying why it is not.
+
+    A dead tandemfs mount (its node was killed: statvfs answers ENOTCONN) is detached, so
+    that a node restarts on the same mountpoint by itself. Anything else mounted there,
+    alive, hung or of another filesystem, is left alone: a node never mounts over it."""
+    path = os.path.realpath(mountpoint)
+    for _ in range(8):  # dead mounts may be stacked, one per killed node
+        entries = mounts_at(path)
+        if not entries:
+            break
+        top = entries[-1]
+        state = _probe(path)
+        if state is None:
+            raise MountpointError(f"{path} is already a mountpoint: {top.describe()} is mounted there "
+                                  "(and does not answer)")
+        if state not in (errno.ENOTCONN, errno.ECONNABORTED) or not top.fstype.startswith("fuse"):
+            raise MountpointError(f"{path} is already a mountpoint: {top.describe()} is mounted there")
+        if not _is_tandemfs(top):
+            raise MountpointError(f"{path} holds a dead FUSE mount of {top.describe()}: unmount it first "
+                                  f"(fusermount3 -u -z {path})")
+        if not _lazy_unmount(path):
+            raise MountpointError(f"{path} holds a dead mount of {top.describe()} that could not be "
+                                  f"unmounted: unmount it first (fusermount3 -u -z {path})")
+        log.info("cleared the dead mount of %s on %s (left by a node that was killed)", top.describe(), path)
+    if not os.path.isdir(path):
+        state = _probe(path, os.stat)
+        reasons = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a directory",
+                   0: "is not a directory", None: "does not answer"}
+        raise MountpointError(f"mountpoint {path} {reasons.get(state) or os.strerror(state or errno.EIO)}")
 
 
 def unmount(mountpoint: str | os.PathLike, attempts: int = 20) -> bool:

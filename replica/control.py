@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,17 @@ class ControlServer:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+#: How often a client waiting for an answer checks that the node still runs (seconds).
+LIVENESS_INTERVAL = 0.25
+
+
 def request(data: str | os.PathLike, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Ask the node running on `data`; raises NodeNotRunning or ControlError."""
+    """Ask the node running on `data`; raises NodeNotRunning (also when the node stops
+    before it answers) or ControlError.
+
+    A request may take long on a live node (a checkpoint of a large store), so the wait is
+    bounded by `timeout` only while the node's lock is held: a node that dies (SIGKILL) is
+    noticed within LIVENESS_INTERVAL, not after the whole timeout."""
     if not node_running(data):
         raise NodeNotRunning(f"no node runs on {data}")
     ctx = zmq.Context.instance()
@@ -176,8 +186,13 @@ def request(data: str | os.PathLike, cmd: str, timeout: float = 10.0, **args: An
     try:
         sock.connect(control_endpoint(data))
         sock.send(p.encode_control(cmd, **args))
-        if not sock.poll(int(timeout * 1000)):
-            raise ControlError(f"the node on {data} did not answer {cmd!r} within {timeout:.0f}s")
+        deadline = time.monotonic() + timeout
+        while not sock.poll(int(min(LIVENESS_INTERVAL, max(0.0, deadline - time.monotonic())) * 1000)):
+            if not node_running(data):
+                raise NodeNotRunning(f"the node on {data} stopped before it answered {cmd!r} (its lock "
+                                     f"{Path(data) / LOCK_NAME} is no longer held)")
+            if time.monotonic() >= deadline:
+                raise ControlError(f"the node on {data} did not answer {cmd!r} within {timeout:.0f}s")
         reply = json.loads(sock.recv())
     finally:
         sock.close()

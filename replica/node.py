@@ -366,10 +366,12 @@ class Node:
             raise PromotionRefused(f"this standby is mounted at {have}: --mount must name that mount or be "
                                    "left out (the mount turns writable in place)")
         if want and not have:
-            if not os.path.isdir(want):
-                raise PromotionRefused(f"mountpoint {want} is not a directory")
-            if os.path.ismount(want):
-                raise PromotionRefused(f"{want} is already a mountpoint")
+            from fs.mounting import MountpointError, prepare_mountpoint
+
+            try:
+                prepare_mountpoint(want)
+            except MountpointError as exc:
+                raise PromotionRefused(str(exc)) from exc
             return want
         if not have:
             raise PromotionRefused("this standby has no mount: give --mount MNT to serve the filesystem")
@@ -631,9 +633,10 @@ def _open_primary_store(config: NodeConfig) -> Store:
     if is_store(data):
         return Store(data, max_size=config.max_size, group_commit=config.group_commit)
     if data.is_dir() and any(entry.name not in ("node.lock", "control.sock") for entry in data.iterdir()):
-        raise SystemExit(f"{data} is neither empty nor a tandemfs store")
+        log.error("%s is neither empty nor a tandemfs store", data)
+        raise SystemExit(2)
     store = Store.create(data, max_size=config.max_size, group_commit=config.group_commit)
-    log.info("created store %s (cluster %s)", data, store.cluster_id.hex())
+    log.info("created a new store at %s (cluster %s): there was none", data, store.cluster_id.hex())
     return store
 
 
@@ -762,6 +765,8 @@ def run_standby(config: NodeConfig) -> int:
     elif any(entry.name not in _BOOTSTRAP_LEFTOVERS for entry in data.iterdir()):
         log.error("%s is neither empty nor a tandemfs store", data)
         return 2
+    else:
+        log.info("no store at %s yet: creating one from the primary %s", data, config.primary)
 
     def on_fatal(reason: str) -> None:
         node.fatal = reason

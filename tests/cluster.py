@@ -26,7 +26,7 @@ import pytest
 
 from fs.mounting import unmount
 from replica.control import ControlError, NodeNotRunning, request
-from tests.mounts import wait_until
+from tests.mounts import make_mountpoint, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_PY = REPO / "mount.py"
@@ -159,7 +159,7 @@ class Cluster:
     def primary(self, name: str = "p", *extra: str, listen: bool = True, env: dict[str, str] | None = None,
                 start: bool = True) -> Proc:
         data, mount = self.root / f"{name}-data", self.root / f"{name}-mnt"
-        mount.mkdir(parents=True, exist_ok=True)
+        make_mountpoint(mount)
         args = ["primary", "--data", str(data), "--mount", str(mount)]
         port = 0
         if listen:
@@ -178,7 +178,7 @@ class Cluster:
         mountpoint = self.root / f"{name}-mnt" if mount else None
         args = ["standby", "--data", str(data), "--primary", primary.address, "--name", name]
         if mountpoint is not None:
-            mountpoint.mkdir(parents=True, exist_ok=True)
+            make_mountpoint(mountpoint)
             args += ["--mount", str(mountpoint)]
         proc = Proc(name, "standby", data, mountpoint, args + list(extra), self.root / f"{name}.log", env)
         self.procs.append(proc)
@@ -202,7 +202,7 @@ class Cluster:
     def take_over(self, stopped: Proc, *extra: str, mount: Path | None = None, start: bool = True) -> Proc:
         """A stopped standby's data directory started as the new primary, in the foreground."""
         mountpoint = mount or stopped.mount or self.root / f"{stopped.name}-mnt"
-        mountpoint.mkdir(parents=True, exist_ok=True)
+        make_mountpoint(mountpoint)
         name = f"{stopped.name}-promoted"
         proc = Proc(name, "primary", stopped.data, mountpoint,
                     ["promote", "--data", str(stopped.data), "--mount", str(mountpoint), *extra],
@@ -221,7 +221,7 @@ class Cluster:
         mountpoint = (old.mount or self.root / f"{old.name}-mnt") if mount else None
         args = ["standby", "--data", str(old.data), "--primary", primary.address, "--name", name]
         if mountpoint is not None:
-            mountpoint.mkdir(parents=True, exist_ok=True)
+            make_mountpoint(mountpoint)
             args += ["--mount", str(mountpoint)]
         proc = Proc(name, "standby", old.data, mountpoint, args + list(extra), self.root / f"{name}.log",
                     None)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fs.mounting import unmount
+from fs.mounting import is_mounted, unmount
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_PY = REPO / "mount.py"
@@ -38,6 +38,13 @@ def run_cli(*args: str, timeout: float = 60, check: bool = True) -> subprocess.C
         raise AssertionError(f"mount.py {' '.join(args)} exited {result.returncode}:\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
+
+
+def make_mountpoint(path: Path) -> None:
+    """Create the directory `path` unless something (e.g. the dead mount of a killed node,
+    which a stat cannot look at) is mounted there already."""
+    if not is_mounted(path):
+        path.mkdir(parents=True, exist_ok=True)
 
 
 class Node:
@@ -88,7 +95,7 @@ class Node:
 
 def start_primary(data: Path, mountpoint: Path, *extra: str, log: Path | None = None,
                   timeout: float = 20) -> Node:
-    mountpoint.mkdir(parents=True, exist_ok=True)
+    make_mountpoint(mountpoint)
     node = Node(["primary", "--data", str(data), "--mount", str(mountpoint), *extra],
                 log or data.parent / f"{data.name}.log", mountpoint)
     try:
