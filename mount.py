@@ -960,8 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "is repaired from its peer (a standby, or the primary) when the peer has it. A "
                          "stopped store is only checked. Shows progress, prints a summary; exits 1 if "
                          "damage remains.")
-    p.add_argument("--data", required=True, metavar="DIR")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--data", required=True, metavar="DIR", type=_data_dir(must_exist=True))
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="how long one request to the running node may take (default 10)")
     p.set_defaults(func=cmd_scrub)
 
