@@ -133,6 +133,7 @@ RECORDS_FLUSH = 0x01
 
 REFUSE_CLUSTER = 1  # the standby's store belongs to another cluster
 REFUSE_NOT_PRIMARY = 2  # the node asked is not (or no longer) a primary
+REFUSE_FULL = 3  # the primary tracks as many standbys as it will (it says hello again later)
 
 PEER_REPLY = 0x01  # an answer to a PEER: not to be answered
 PEER_FENCED = 0x02  # the sender does not accept writes (fenced, or split brain)
