@@ -175,15 +175,25 @@ def _config(args: argparse.Namespace, **extra: object):
 
 
 def _curve(args: argparse.Namespace, role: str):
-    """The node's CURVE keys from --curve-* (None: none given); raises SecurityError."""
-    from replica.security import SecurityError, load
+    """The node's CURVE keys: per-node keys from --curve-*, else the cluster key from the
+    cluster secret (--secret; a primary creates it if there is none); None with --insecure,
+    or for a primary that does not replicate. Raises SecurityError."""
+    from replica.security import DEFAULT_SECRET, SecurityError, cluster_keys, load
 
     secret, peers, server = args.curve_secret, args.curve_peers, args.curve_server
     if secret is None:
         if peers or server:
             raise SecurityError("--curve-peers and --curve-server need --curve-secret (this node's "
                                 "NAME.key_secret, made by mount.py keygen)")
-        return None
+        if args.insecure:
+            if args.secret:
+                raise SecurityError("--secret and --insecure contradict each other: give one of them")
+            return None
+        if role == "primary" and not args.listen:
+            return None  # a single node: no replication traffic to protect
+        return cluster_keys(args.secret or DEFAULT_SECRET, create=role == "primary")
+    if args.secret:
+        raise SecurityError("--secret and --curve-secret are two ways of keying a node: give one of them")
     if role == "primary" and server:
         raise SecurityError("--curve-server names the primary a standby follows; a primary has none (its "
                             "--peer probes use the keys in --curve-peers)")
@@ -258,7 +268,7 @@ def cmd_standby(args: argparse.Namespace) -> int:
         return 2
     try:
         curve = _curve(args, "standby")
-        if curve is not None and curve.peers_dir is None and args.auto_promote_after is not None:
+        if curve is not None and not curve.can_serve() and args.auto_promote_after is not None:
             raise SecurityError("--auto-promote-after with CURVE keys needs --curve-peers: a promoted node "
                                 "serves with CURVE and must know whose keys to admit")
         config = _config(args, primary=args.primary, name=args.name or "", listen=args.listen,
@@ -301,7 +311,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
         on_standby_loss=OnStandbyLoss(args.on_standby_loss) if args.on_standby_loss else None,
         peers=args.peer or [])
     if node_running(args.data):
-        given = [option for option, value in (("--curve-secret", args.curve_secret),
+        given = [option for option, value in (("--secret", args.secret),
+                                              ("--curve-secret", args.curve_secret),
                                               ("--curve-peers", args.curve_peers),
                                               ("--curve-server", args.curve_server),
                                               ("--insecure", args.insecure)) if value]
@@ -401,8 +412,13 @@ def _print_status(status: dict) -> None:
     if security and (status["role"] == "standby" or status.get("replication")):
         line("security", _describe_security(security, status["role"]))
         refused = security.get("refused_keys") or {}
+        where = (f"not in {security.get('peers_dir')}" if security.get("peers_dir")
+                 else "without the cluster secret")
         for key, count in sorted(refused.items()):
-            line("REFUSED key", f"{key} ({count} handshake(s); not in {security.get('peers_dir')})")
+            line("REFUSED key", f"{key} ({count} handshake(s); {where})")
+        shown = sum(refused.values())
+        if security.get("refused_handshakes", 0) > shown:
+            line("REFUSED in all", f"{security['refused_handshakes']} handshake(s), of other keys as well")
     if status.get("problem"):
         line("PROBLEM", status["problem"])
     journal = status.get("journal")
@@ -473,6 +489,8 @@ def _describe_security(security: dict, role: str) -> str:
     if security.get("server_key"):
         parts.append(("primary's key " if role == "standby" else "old primary's key (fencing probe) ")
                      + security["server_key"])
+    if security.get("secret_file"):
+        parts.append(f"the cluster key of {security['secret_file']}")
     if security.get("peers_dir"):
         admitted = security.get("admitted_keys")
         parts.append(f"admitting {'the' if admitted is None else admitted} key(s) in {security['peers_dir']}")
@@ -778,10 +796,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "at most a sixteenth of --max-size)")
 
     def curve_options(p: argparse.ArgumentParser, role: str) -> None:
+        from replica.security import DEFAULT_SECRET
+
         serving = {"primary": "", "standby": "once promoted, ", "promote": ""}[role]
+        made = {"primary": "created (mode 0600) if it does not exist",
+                "standby": "never created here: copy the primary's", "promote": "copy the primary's"}[role]
+        p.add_argument("--secret", metavar="FILE",
+                       help=f"the cluster secret (default {DEFAULT_SECRET}; {made}): every node of the "
+                       "cluster derives the same CURVE keys from it, so all replication traffic is "
+                       "authenticated and encrypted, and whoever cannot read this file can neither read "
+                       "the stream nor join. Copy it to every machine of the cluster")
         p.add_argument("--curve-secret", metavar="FILE",
-                       help="this node's NAME.key_secret (mount.py keygen): all replication traffic then "
-                       "uses CurveZMQ, authenticated and encrypted")
+                       help="instead of --secret, per-node keys: this node's NAME.key_secret (mount.py "
+                       "keygen)")
         p.add_argument("--curve-peers", metavar="DIR",
                        help=f"{serving}admit only the nodes whose public keys (NAME.key) are in DIR; give "
                        "every node the same directory holding every node's public key"
@@ -797,9 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(curve_server=None)
         p.add_argument("--insecure", action="store_true",
-                       help="allow replication traffic to leave this machine without CURVE keys: anyone who "
-                       "can reach the ports can read it and send well-formed messages (without it, a "
-                       "non-loopback address without keys is refused at start)")
+                       help="replicate in the clear, without a cluster secret or keys: anyone who can reach "
+                       "the ports (on loopback: any local user) can read the journal and send well-formed "
+                       "messages")
 
     def promotion_options(p: argparse.ArgumentParser, standby: bool) -> None:
         once = "once promoted: " if standby else ""

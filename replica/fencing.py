@@ -28,9 +28,9 @@ records when it rejoins. With two machines and no third party no protocol can do
 that needs a lease from a coordination service.
 
 With CURVE keys (replica/security.py) a PEER probe is a CURVE client of the other
-primary's side channel, admitted by that node's peers directory like a standby; only
-admitted nodes can then send an epoch at all. Without keys (loopback, or `--insecure`)
-messages are not authenticated, so a forged higher epoch can fence a primary (a denial
+primary's side channel, admitted like a standby (with the cluster key, or by that node's
+peers directory); only admitted nodes can then send an epoch at all. Without keys
+(`--insecure`) messages are not authenticated, so a forged higher epoch can fence a primary (a denial
 of service, never a lost write).
 """
 

@@ -22,11 +22,12 @@ the same before it mounts. Either way the new primary keeps sending PEER to the 
 it followed (replica/fencing.py), so that primary is fenced whenever it can be reached.
 
 Security (replica/security.py). A node's CURVE keys are part of its configuration, so a
-standby promoted in place serves with the keys it was started with: its own secret key,
-admitting the keys of its peers directory, and probing its old primary with the public
-key it followed it by. Replication traffic that would leave the machine without keys is
-refused before anything binds or connects (`check_security`), unless `--insecure`; that
-holds for the addresses a promotion chooses by itself too.
+standby promoted in place serves with the keys it was started with: the cluster key
+derived from the cluster secret (or its own secret key, admitting the keys of its peers
+directory, and probing its old primary with the public key it followed it by).
+Replication traffic that would leave the machine without keys is refused before anything
+binds or connects (`check_security`), unless `--insecure`; that holds for the addresses a
+promotion chooses by itself too.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def check_security(config: NodeConfig, role: str, endpoints: list[str] | None = 
     curve = config.curve
     if curve is not None:
         serving = role == "primary" and bool(config.listen)
-        if serving and curve.peers_dir is None:
+        if serving and not curve.can_serve():
             raise SecurityError("serving with CURVE needs --curve-peers DIR: the public keys of the nodes "
                                 "allowed to connect")
         if role == "standby" and curve.server_public is None:
@@ -436,7 +437,7 @@ class Node:
         control = control or default_side_channel(listen)
         peers = self._peers([*config.peers, *request.peers], control, follower.control)
         curve = config.curve
-        if curve is not None and curve.peers_dir is None:
+        if curve is not None and not curve.can_serve():
             raise PromotionRefused("this standby follows with CURVE keys but was started without "
                                    "--curve-peers: once promoted it must serve with CURVE and know whom to "
                                    "admit. Restart it with --curve-peers DIR, then promote it")

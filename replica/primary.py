@@ -16,8 +16,19 @@ synced them. If no standby answers within the sync timeout, fsync either keeps w
 again; both are logged loudly and shown in status.
 
 With CURVE keys (replica/security.py) both sockets are CURVE servers, and a ZAP handler
-on this context admits only the public keys in the peers directory: a node that is not
-admitted gets nothing, not even the stream.
+on this context admits only the cluster key (or the public keys in the peers directory): a
+node that is not admitted gets nothing, not even the stream.
+
+Which standbys the primary tracks, and for which it holds the journal back (and records
+them in the store, META_STANDBYS, across restarts): only members of the cluster. With
+CURVE, the handshake has proven that much of every message that arrives; without it, a
+message carrying this cluster's id is the only proof there is. So a HELLO without a
+cluster id (a node with no store yet) is answered, so that it can bootstrap, but
+registers nothing; the node is tracked once it opens a snapshot (the journal is then
+held from the snapshot's seq) or acknowledges records. A HELLO from another cluster or a
+newer epoch registers nothing either. At most MAX_STANDBYS are tracked and held for; a
+further one is refused (REFUSE_FULL, a rate-limited warning) until the operator forgets
+one (`mount.py forget`) or one falls behind the retention bound.
 
 A primary that learns of a higher epoch is fenced (replica/fencing.py): it refuses
 writes from then on, and fsyncs still waiting for a standby fail with EIO, since what
@@ -85,6 +96,10 @@ FETCH_RECORDS = 2048
 FETCH_BYTES = 4 << 20
 
 
+#: Standbys tracked (and journal holds recorded) at most: enough for any real cluster, and
+#: a bound on what messages from nodes that are not standbys can make the primary keep.
+MAX_STANDBYS = 16
+
 #: What the side channel accepts: a standby's messages, and other primaries' PEERs.
 ROUTER_TYPES = p.TO_PRIMARY | p.PEER_TYPES
 
@@ -151,6 +166,11 @@ def _load_known_standbys(store: Store) -> dict[str, int]:
     except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("ignoring an unreadable list of known standbys in the store")
         return {}
+    if len(known) > MAX_STANDBYS:
+        kept = dict(sorted(known.items(), key=lambda item: (-item[1], item[0]))[:MAX_STANDBYS])
+        log.warning("the store lists %d known standbys, more than the %d tracked: keeping the journal "
+                    "only for the %d most advanced", len(known), MAX_STANDBYS, MAX_STANDBYS)
+        known = kept
     if known:
         log.info("holding the journal for standbys known before the restart: %s",
                  ", ".join(f"{name} (seq {seq})" for name, seq in sorted(known.items())))
@@ -256,8 +276,10 @@ class PrimaryReplication:
                  "standby loss: %s)", self.listen, self.control, self.durability.value,
                  self.sync_timeout, self.on_standby_loss.value)
         if self.curve is not None:
-            log.info("replication traffic uses CURVE: this node's public key is %s, admitting the keys in %s",
-                     self.curve.public.decode(), self.curve.peers_dir)
+            log.info("replication traffic uses CURVE: this node's public key is %s, admitting %s",
+                     self.curve.public.decode(),
+                     f"the holders of the cluster secret {self.curve.secret_file}"
+                     if self.curve.secret_file else f"the keys in {self.curve.peers_dir}")
         else:
             log.info("replication traffic is NOT authenticated or encrypted (no CURVE keys)")
 
@@ -492,22 +514,20 @@ class PrimaryReplication:
         if t is p.MsgType.HELLO:
             name = msg.payload[0].decode()
             applied = msg.body.applied_seq
-            if applied > self.store.last_seq and msg.cluster_id != p.NO_CLUSTER:
+            member = msg.cluster_id == self.store.cluster_id and msg.epoch <= self.store.epoch
+            if applied > self.store.last_seq and member:
                 log.warning("standby %s says it applied seq %d, beyond this primary's %d", name, applied,
                             self.store.last_seq)
-            with self._cond:
-                for other, peer in list(self._peers.items()):
-                    if peer.name == name and other != identity:
-                        del self._peers[other]  # the same standby, restarted
-                peer = self._peers.get(identity) or Peer(identity, name)
-                self._peers[identity] = peer
-                peer.name, peer.received, peer.epoch = name, min(applied, self.store.last_seq), msg.epoch
-                peer.durable = min(peer.durable, peer.received)
-                peer.last_seen = time.monotonic()
-                self._names[name] = peer.received
-                self._cond.notify_all()
-            log.info("standby %s said hello at seq %d, epoch %d (primary at %d, epoch %d)", name, applied,
-                     msg.epoch, self.store.last_seq, self.store.epoch)
+            if member and not self._register(identity, name, applied, msg.epoch):
+                self.drops.drop("standbys_full", f"HELLO from standby {name!r}: this primary tracks "
+                                f"{MAX_STANDBYS} standbys already (mount.py forget one that is gone)")
+                reply(p.MsgType.REFUSE, (p.REFUSE_FULL,),
+                      [f"the primary tracks {MAX_STANDBYS} standbys already".encode()])
+                return
+            log.log(logging.INFO if member else logging.DEBUG,
+                    "standby %s said hello at seq %d, epoch %d (primary at %d, epoch %d)%s", name, applied,
+                    msg.epoch, self.store.last_seq, self.store.epoch,
+                    "" if member else ": not tracked until it has a store of this cluster")
             history = self.store.epoch_history or [(self.store.epoch, 1)]
             reply(p.MsgType.WELCOME, (self.store.last_seq, self.store.first_seq(), self._ack_flags()),
                   [p.encode_history(history)])
@@ -524,16 +544,62 @@ class PrimaryReplication:
         elif t is p.MsgType.FETCH:
             self._fetch(peer, msg.body.start, msg.body.stop, reply)
         elif t is p.MsgType.SNAP_OPEN:
-            self._snap_open(msg.body.snap_id, reply)
+            self._snap_open(peer, msg.body.snap_id, reply)
         elif t is p.MsgType.SNAP_GET:
             self._snap_get(peer, msg.body, reply)
 
+    def _register(self, identity: bytes, name: str, applied: int, epoch: int) -> bool:
+        """Track a member's HELLO (and hold the journal from where it is); False if
+        MAX_STANDBYS others are tracked already."""
+        with self._cond:
+            for other, peer in list(self._peers.items()):
+                if peer.name == name and other != identity:
+                    del self._peers[other]  # the same standby, restarted
+            if name not in self._names and len(self._names) >= MAX_STANDBYS:
+                return False
+            peer = self._session(identity, name)
+            if peer is None:
+                return False
+            peer.name, peer.received, peer.epoch = name, min(applied, self.store.last_seq), epoch
+            peer.durable = min(peer.durable, peer.received)
+            peer.last_seen = time.monotonic()
+            self._names[name] = peer.received
+            self._cond.notify_all()
+            return True
+
+    def _session(self, identity: bytes, name: str) -> Peer | None:
+        """The session of `identity`, made if there is room (standbys not heard from for
+        PEER_TIMEOUT make room); called with self._cond held."""
+        peer = self._peers.get(identity)
+        if peer is not None:
+            return peer
+        if len(self._peers) >= MAX_STANDBYS:
+            now = time.monotonic()
+            for other, old in list(self._peers.items()):
+                if not old.connected(now):
+                    del self._peers[other]
+            if len(self._peers) >= MAX_STANDBYS:
+                return None
+        peer = Peer(identity, name)
+        self._peers[identity] = peer
+        return peer
+
+    def _hold(self, peer: Peer, seq: int) -> None:
+        """Hold the journal after `seq` for this standby, if it is of this epoch (or an
+        older one) and there is room; called with self._cond held."""
+        if peer.epoch > self.store.epoch:
+            return
+        if peer.name not in self._names and len(self._names) >= MAX_STANDBYS:
+            self.drops.drop("standbys_full", f"not holding the journal for standby {peer.name!r}: "
+                            f"{MAX_STANDBYS} standbys are tracked already")
+            return
+        self._names[peer.name] = seq
+
     def _touch(self, identity: bytes, epoch: int) -> Peer:
         with self._cond:
-            peer = self._peers.get(identity)
+            peer = self._session(identity, _name_of(identity))
             if peer is None:
-                peer = Peer(identity, _name_of(identity))
-                self._peers[identity] = peer
+                raise p.BadMessage("standbys_full", f"{MAX_STANDBYS} standbys are tracked already")
             peer.last_seen = time.monotonic()
             peer.epoch = epoch
             return peer
@@ -546,7 +612,7 @@ class PrimaryReplication:
             peer.received, peer.durable = received, durable
             # Retention counts what the standby has on disk: after a crash of its machine,
             # records it had only received may be gone and must still be fetchable.
-            self._names[peer.name] = durable
+            self._hold(peer, durable)
             if self.degraded and self._acked(peer) >= self.published_seq:
                 self.degraded = False
                 self.degraded_since = None
@@ -579,19 +645,18 @@ class PrimaryReplication:
         peer.fetched_records += len(raws)
         reply(p.MsgType.RECORDS, (start, len(raws), 0), raws)
 
-    def _snap_open(self, wanted: int, reply: Callable) -> None:
-        if wanted:
-            found = self.checkpoints.find(wanted)
-            if found is not None:
-                reply(p.MsgType.SNAP_INFO, (found.seq, found.size(), self._chunk))
+    def _snap_open(self, peer: Peer, wanted: int, reply: Callable) -> None:
+        found = self.checkpoints.find(wanted) if wanted else None
+        if found is None:
+            found = self.checkpoints.newest()
+            if found is None or self.store.last_seq - found.seq > SNAPSHOT_MAX_BEHIND \
+                    or found.seq + 1 < self.store.first_seq():
+                self._request_checkpoint()
+                reply(p.MsgType.SNAP_WAIT, (250,))
                 return
-        newest = self.checkpoints.newest()
-        if newest is None or self.store.last_seq - newest.seq > SNAPSHOT_MAX_BEHIND \
-                or newest.seq + 1 < self.store.first_seq():
-            self._request_checkpoint()
-            reply(p.MsgType.SNAP_WAIT, (250,))
-            return
-        reply(p.MsgType.SNAP_INFO, (newest.seq, newest.size(), self._chunk))
+        with self._cond:
+            self._hold(peer, found.seq)  # what it needs once the snapshot is in place
+        reply(p.MsgType.SNAP_INFO, (found.seq, found.size(), self._chunk))
 
     def _snap_get(self, peer: Peer, body: p.SnapGet, reply: Callable) -> None:
         entry = self._snap_files.get(body.snap_id)

@@ -149,6 +149,7 @@ RECORDS_FLUSH = 0x01
 
 REFUSE_CLUSTER = 1  # the standby's store belongs to another cluster
 REFUSE_NOT_PRIMARY = 2  # the node asked is not (or no longer) a primary
+REFUSE_FULL = 3  # the primary tracks as many standbys as it will (it says hello again later)
 
 REPAIR_FOUND = 0  # the value follows, sealed as the asker stores it
 REPAIR_ABSENT = 1  # the answering node holds no such value

@@ -1,7 +1,9 @@
 """A small harness for replication tests: real primary and standby processes on loopback.
 
 Nodes are `python mount.py primary|standby ...` subprocesses with free loopback ports,
-each with its own data directory, mountpoint and log. Every wait has a deadline and
+each with its own data directory, mountpoint and log. The nodes of one cluster share the
+test's own cluster secret (`--secret`, made before any node starts), never the system's
+default one, unless a test keys them otherwise (`--curve-secret`, `--insecure`). Every wait has a deadline and
 fails with the node logs attached; teardown always resumes stopped processes, sends
 SIGTERM then SIGKILL, and unmounts (fusermount3 -u, then lazily), pass or fail.
 
@@ -26,6 +28,7 @@ import pytest
 
 from fs.mounting import unmount
 from replica.control import ControlError, NodeNotRunning, request
+from replica.security import create_secret
 from tests.mounts import make_mountpoint, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,12 +152,24 @@ class Proc:
         return None if self.proc is None else self.proc.returncode
 
 
+#: Options by which a test keys its nodes itself.
+_KEYING = ("--secret", "--curve-secret", "--insecure")
+
+
 class Cluster:
     """The nodes of one test; `close` stops all of them."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[Proc] = []
+        self.secret = root / "cluster.secret"
+        create_secret(self.secret)
+
+    def keyed(self, args: list[str]) -> list[str]:
+        """`args` with the test's cluster secret, unless they key the node otherwise."""
+        if any(arg in _KEYING for arg in args):
+            return args
+        return [*args, "--secret", str(self.secret)]
 
     def primary(self, name: str = "p", *extra: str, listen: bool = True, env: dict[str, str] | None = None,
                 start: bool = True) -> Proc:
@@ -165,8 +180,8 @@ class Cluster:
         if listen:
             port = free_port_pair()
             args += ["--listen", f"tcp://127.0.0.1:{port}"]
-        proc = Proc(name, "primary", data, mount, args + list(extra), self.root / f"{name}.log", env,
-                     address=f"tcp://127.0.0.1:{port}")
+        proc = Proc(name, "primary", data, mount, self.keyed(args + list(extra)), self.root / f"{name}.log",
+                    env, address=f"tcp://127.0.0.1:{port}")
         self.procs.append(proc)
         if start:
             proc.start().wait_ready()
@@ -180,7 +195,8 @@ class Cluster:
         if mountpoint is not None:
             make_mountpoint(mountpoint)
             args += ["--mount", str(mountpoint)]
-        proc = Proc(name, "standby", data, mountpoint, args + list(extra), self.root / f"{name}.log", env)
+        proc = Proc(name, "standby", data, mountpoint, self.keyed(args + list(extra)),
+                    self.root / f"{name}.log", env)
         self.procs.append(proc)
         if start:
             proc.start()
@@ -205,7 +221,7 @@ class Cluster:
         make_mountpoint(mountpoint)
         name = f"{stopped.name}-promoted"
         proc = Proc(name, "primary", stopped.data, mountpoint,
-                    ["promote", "--data", str(stopped.data), "--mount", str(mountpoint), *extra],
+                    self.keyed(["promote", "--data", str(stopped.data), "--mount", str(mountpoint), *extra]),
                     self.root / f"{name}.log", None)
         self.procs.append(proc)
         if start:
@@ -223,8 +239,8 @@ class Cluster:
         if mountpoint is not None:
             make_mountpoint(mountpoint)
             args += ["--mount", str(mountpoint)]
-        proc = Proc(name, "standby", old.data, mountpoint, args + list(extra), self.root / f"{name}.log",
-                    None)
+        proc = Proc(name, "standby", old.data, mountpoint, self.keyed(args + list(extra)),
+                    self.root / f"{name}.log", None)
         self.procs.append(proc)
         proc.start()
         if wait:

@@ -135,7 +135,8 @@ def test_promotion_refusals_and_force(cluster: Cluster) -> None:
     assert primary.stop() == 0
     held = _set_announced(standby.data, 7)
     # Behind, stopped: refused, nothing started.
-    result = cli("promote", "--data", str(standby.data), "--mount", str(standby.mount))
+    result = cli("promote", "--data", str(standby.data), "--mount", str(standby.mount), "--secret",
+                 str(cluster.secret))
     assert result.returncode == 1, result.stderr
     assert "behind" in result.stderr and "7 record(s)" in result.stderr, result.stderr
     # Nor may it run as a primary of its old primary's epoch.
@@ -152,7 +153,8 @@ def test_promotion_refusals_and_force(cluster: Cluster) -> None:
     assert takeover["forced"] and takeover["lacks"] == 7 and takeover["took_over_at"] == held
     write(standby.mount / "g", b"after a forced promotion")
     # The data directory of a node that was last a primary is refused unless forced.
-    result = cli("promote", "--data", str(primary.data), "--mount", str(primary.mount))
+    result = cli("promote", "--data", str(primary.data), "--mount", str(primary.mount), "--secret",
+                 str(cluster.secret))
     assert result.returncode == 1 and "last a primary" in result.stderr, result.stderr
 
 

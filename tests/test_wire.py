@@ -285,7 +285,8 @@ def test_standby_drops_well_formed_forgeries(tmp_path: Path) -> None:
 # --- the primary's ROUTER fed forged frames from a DEALER ---------------------------------
 @pytest.mark.fuse
 def test_primary_survives_forged_frames(cluster: Cluster) -> None:
-    primary = cluster.primary()
+    # In the clear, so that forged frames reach the parser (with CURVE they end at the handshake).
+    primary = cluster.primary("p", "--insecure")
     (primary.mount / "f").write_bytes(b"before")
     status = primary.status()
     assert status is not None
@@ -337,7 +338,7 @@ def test_primary_survives_forged_frames(cluster: Cluster) -> None:
     assert sum(v for k, v in status["dropped"].items() if k.startswith("control_")) == 4
     # Still a working primary and replication source.
     (primary.mount / "g").write_bytes(b"after")
-    standby = cluster.standby(primary, mount=False)
+    standby = cluster.standby(primary, "s", "--insecure", mount=False)
     cluster.verify(primary, standby)
 
 
