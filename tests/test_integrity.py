@@ -112,7 +112,7 @@ def test_a_truncated_store_is_one_line_and_exit_1(tmp_path: Path, verb: str) -> 
     mnt.mkdir()
     args = {
         "primary": ["--mount", str(mnt)],
-        "standby": ["--primary", "tcp://127.0.0.1:9", "--mount", str(mnt)],
+        "standby": ["--primary", "tcp://127.0.0.1:9", "--mount", str(mnt), "--insecure"],
         "inspect": ["--mount", str(mnt)],
         "verify": ["--data", str(data), "--deadline", "1"],
     }.get(verb, [])

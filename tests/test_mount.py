@@ -250,6 +250,32 @@ def test_data_paths(primary):
     assert (mnt / "big").read_bytes() == data[:5]
 
 
+def test_sparse_files_stay_sparse(primary, tmp_path):
+    """st_blocks counts what a file occupies: du sees a sparse file as small, and cp
+    keeps it sparse."""
+    mnt = primary.mountpoint
+    with open(mnt / "sparse", "wb") as f:
+        f.seek(1 << 30)
+        f.write(b"x")
+    st = os.stat(mnt / "sparse")
+    assert st.st_size == (1 << 30) + 1
+    assert st.st_blocks * 512 <= 65536  # one stored block, not 1 GiB
+    du = sh("du", "-k", str(mnt / "sparse")).stdout.split()[0]
+    assert int(du) <= 64
+    (mnt / "dense").write_bytes(os.urandom(200_000))
+    assert os.stat(mnt / "dense").st_blocks == -(-200_000 // 512)  # a full file: its size, rounded up
+    (mnt / "small").write_bytes(b"abc")
+    assert os.stat(mnt / "small").st_blocks == 1
+    sh("cp", str(mnt / "sparse"), str(mnt / "copy"))  # cp's default: --sparse=auto
+    assert os.stat(mnt / "copy").st_blocks * 512 <= 65536
+    assert os.stat(mnt / "copy").st_size == (1 << 30) + 1
+    with open(mnt / "copy", "rb") as f:
+        f.seek(1 << 30)
+        assert f.read() == b"x"
+    os.truncate(mnt / "dense", 70_000)
+    assert os.stat(mnt / "dense").st_blocks == -(-70_000 // 512)
+
+
 def test_unlink_while_open_keeps_reading(primary):
     mnt = primary.mountpoint
     (mnt / "f").write_bytes(b"still here")
