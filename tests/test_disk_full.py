@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -208,3 +209,25 @@ def test_standby_whose_disk_fills_stops_saying_so(small_disks, cluster, tmp_path
     assert refusal and "MiB free there" in refusal[-1], log[-4000:]
     no_traceback(log)
     assert not (data / "incoming").exists() or not any((data / "incoming").rglob("data.mdb"))
+
+
+def test_checkpoint_that_would_not_fit_is_skipped_once(small_disks, cluster):
+    disk = small_disks.make("tmpfs", 96)
+    data = disk / "data"
+    node = cluster.primary("p", "--checkpoint-interval", "0.2", listen=False, data=data)
+    (node.mount / "big").write_bytes(os.urandom(56 * MiB))  # a copy of it would not fit beside it
+    wait_until(lambda: "checkpoint skipped" in node.log_path.read_text(), 20, "a skipped checkpoint",
+               on_fail=node.log)
+    checkpoints = data / "checkpoints"
+    time.sleep(3.5)  # a few maintenance ticks: the checkpoint stays due, and skipped
+    log = node.log_path.read_text()
+    skipped = [line for line in log.splitlines() if "checkpoint skipped: disk full: " in line]
+    assert len(skipped) == 1, skipped
+    assert "WARNING" in skipped[0] and str(checkpoints) in skipped[0], skipped
+    assert not any(checkpoints.glob("[0-9]*")) and not any(checkpoints.glob(".tmp-*"))
+
+    asked = cli("checkpoint", "--data", str(data))
+    assert asked.returncode == 1 and "disk full: no room for a checkpoint" in asked.stderr, asked.stderr
+    assert "Traceback" not in asked.stderr
+    assert node.stop() == 0
+    no_traceback(node.log_path.read_text())
