@@ -775,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-size", type=_size_at_least(MIN_STORE_SIZE, MAX_STORE_SIZE), default=None,
                        metavar="SIZE",
                        help="the store's size limit, e.g. 10G (default: as stored, or 64G for a new store); "
-                       "df shows it, and a full store answers ENOSPC")
+                       "the disk under DIR bounds it too; df shows the smaller, and a full store answers "
+                       "ENOSPC")
         p.add_argument("--checkpoint-interval", type=_seconds, default=DEFAULT_INTERVAL, metavar="SECONDS",
                        help="take a checkpoint this often when the journal has grown "
                        f"(default {DEFAULT_INTERVAL:.0f})")
@@ -787,13 +788,13 @@ def build_parser() -> argparse.ArgumentParser:
                        f"standby (default {DEFAULT_RETAIN_RECORDS})")
         p.add_argument("--retain-bytes", type=_size, default=DEFAULT_RETAIN_BYTES, metavar="SIZE",
                        help="retention bound in bytes of journal (default "
-                       f"{DEFAULT_RETAIN_BYTES >> 30}G, at most a quarter of --max-size)")
+                       f"{DEFAULT_RETAIN_BYTES >> 30}G, at most a quarter of the store's size)")
         p.add_argument("--tail-records", type=_count_at_least(0), default=DEFAULT_TAIL_RECORDS, metavar="N",
                        help="journal records kept when no standby needs them, for one that reconnects "
                        f"(default {DEFAULT_TAIL_RECORDS})")
         p.add_argument("--tail-bytes", type=_size, default=DEFAULT_TAIL_BYTES, metavar="SIZE",
                        help=f"...and at most this many bytes of them (default {DEFAULT_TAIL_BYTES >> 20}M, "
-                       "at most a sixteenth of --max-size)")
+                       "at most a sixteenth of the store's size)")
 
     def curve_options(p: argparse.ArgumentParser, role: str) -> None:
         from replica.security import DEFAULT_SECRET

@@ -343,11 +343,15 @@ class TandemFS(Operations):
 
     @fuse_errors
     def statfs(self, path: str) -> dict[str, int]:
+        # The size is what the store may grow to: --max-size, or less where the disk under
+        # it cannot hold that much (its free space less a reserve), so df never promises
+        # more than a write can get.
         bsize = BLOCK_SIZE
-        total = self.store.max_size // bsize
-        free = max(0, (self.store.max_size - self.store.used_bytes()) // bsize)
+        capacity = self.store.capacity()
+        total = capacity // bsize
+        free = max(0, (capacity - self.store.used_bytes()) // bsize)
         inodes = self.store.counts()["inodes"]
-        max_files = max(inodes, self.store.max_size // 4096)
+        max_files = max(inodes, capacity // 4096)
         return {
             "f_bsize": bsize, "f_frsize": bsize, "f_blocks": total, "f_bfree": free,
             "f_bavail": free, "f_files": max_files, "f_ffree": max_files - inodes,

@@ -3,8 +3,10 @@
 A checkpoint is a consistent compact copy of the environment (`Store.checkpoint`) kept
 in `DATA/checkpoints/SEQ/`, where SEQ is the last seq it contains. It is written into a
 temporary directory and renamed into place, so a directory with a number for a name is
-always a whole checkpoint. Checkpoints bootstrap new or far-behind standbys (streamed by
-the primary as a snapshot) and are the recovery point for backups.
+always a whole checkpoint. It is a whole copy on the store's own disk: one that would not
+fit there beside the reserve the store leaves free is not begun (StoreFull). Checkpoints
+bootstrap new or far-behind standbys (streamed by the primary as a snapshot) and are the
+recovery point for backups.
 
 The journal is kept for standbys, not for the checkpoint: it is pruned below what every
 known standby still needs (the record after the newest it has acknowledged), except for a
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import StoreDamaged
+from .errors import StoreDamaged, StoreFull
 from .store import Store, fsync_path
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,12 @@ class Checkpoints:
             newest = self.newest()
             if newest is not None and newest.seq == self.store.last_seq:
                 return newest
+            # A checkpoint is a whole copy on the store's own disk: one that would not fit
+            # is not begun (and one that fills the disk anyway is removed).
+            need, room = self.store.checkpoint_room()
+            if need > room.usable:
+                raise StoreFull(f"disk full: no room for a checkpoint of up to {need / (1 << 20):.1f} MiB "
+                                f"in {self.root}: {room.describe()}")
             self.root.mkdir(exist_ok=True)
             self._counter += 1
             tmp = self.root / f".tmp-{os.getpid()}-{self._counter}"

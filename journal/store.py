@@ -14,6 +14,17 @@ the primary's (`replace_with`), possibly under a live read-only mount. Every rea
 of the store therefore holds a shared lock on the environment for the length of one
 short transaction, and the swap takes it exclusively: a reader sees the old state or
 the new one, never a closed environment.
+
+The store is as large as `--max-size` (`max_size`) or as its disk can hold, whichever is
+smaller. LMDB grows its data file by writing past its end; on a full disk that write
+comes up short and LMDB answers EIO. So the map is kept no larger than the data file plus
+the disk's free space less a reserve (`fit_map`, at open, when full and on every
+maintenance tick): growing past that is LMDB's MapFullError, which the store answers as
+StoreFull (ENOSPC) with nothing applied. A disk that something else fills still makes a
+commit fail short; that failure, with the disk found full, is StoreFull too. The reserve
+is room that writers never take; pruning and deletes, which need pages to free pages, may
+take parts of it (`WRITING`, `PRUNING`, `DELETING`), so that a full store can always be
+emptied.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -80,6 +92,12 @@ GROUP_BYTES = 8 << 20
 PRUNE_COPY_BYTES = 4 << 20
 #: Meta key holding this node's configured size (node-local, like the role).
 META_MAX_SIZE = b"max_size"
+#: How long a remap of the environment waits for readers to leave before it gives up
+#: until the next try (seconds): a long reader (a checkpoint's copy) must not stall writes.
+REMAP_WAIT = 2.0
+
+#: Ops that give room back, and so may use some of the reserve a full disk keeps.
+FREEING_OPS = (ops.Unlink, ops.Rmdir, ops.Rename, ops.Truncate, ops.RemoveXattr)
 
 CommitListener = Callable[[list[tuple[int, bytes]]], None]
 
@@ -133,13 +151,21 @@ class EnvLock:
     def shared(self) -> _Shared:
         return _Shared(self)
 
+    def held_here(self) -> bool:
+        """Whether this thread holds the shared side (and so must not ask for the other)."""
+        return bool(getattr(self._local, "depth", 0))
+
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, timeout: float | None = None) -> Iterator[None]:
+        """No reader inside; TimeoutError if readers stay longer than `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._swap_lock:
             with self._cond:
                 self._swapping = True
                 try:
                     while self._active:
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise TimeoutError("readers did not leave the store in time")
                         self._cond.wait(0.01)
                 except BaseException:
                     self._swapping = False
@@ -278,6 +304,69 @@ def is_store(path: str | os.PathLike) -> bool:
     return (Path(path) / "data.mdb").exists()
 
 
+def disk_reserve(total: int) -> int:
+    """Bytes of a filesystem of `total` bytes that a store leaves free to writers: a
+    thirty-second of it, at least 8 MiB (pruning and deleting need pages too), at most
+    64 MiB."""
+    return min(64 << 20, max(8 << 20, total // 32))
+
+
+#: Who grows the store's file, from the least to the most entitled to the disk's reserve:
+#: a write keeps it all free; pruning, which must copy what blocks still use before it
+#: frees a record, half of it; a delete, which frees at once, a quarter.
+WRITING, PRUNING, DELETING = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class DiskRoom:
+    """The filesystem under a directory, as a store or a download into it sees it."""
+
+    path: Path
+    #: Bytes of the filesystem...
+    total: int
+    #: ...free to this process...
+    free: int
+    #: ...and of those, what a store leaves free.
+    reserve: int
+    #: Bytes of disk that the store's data file occupies already (0: no such file).
+    file: int
+
+    @property
+    def usable(self) -> int:
+        """Bytes a store may still add to its file."""
+        return self.usable_for(WRITING)
+
+    def usable_for(self, who: int) -> int:
+        """Bytes a store may add to its file for WRITING, PRUNING or DELETING: each keeps
+        half as much of the reserve free as the one before it."""
+        return max(0, self.free - (self.reserve >> who))
+
+    def describe(self) -> str:
+        mib = 1 << 20
+        return (f"{self.path}: {self.free / mib:.1f} MiB free of {self.total / mib:.1f} MiB "
+                f"({self.reserve / mib:.1f} MiB kept in reserve), the store's file takes "
+                f"{self.file / mib:.1f} MiB")
+
+
+def disk_room(path: str | os.PathLike) -> DiskRoom:
+    """The room on the filesystem holding directory `path` (and its data file, if any)."""
+    path = Path(path)
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    try:
+        file = os.stat(path / "data.mdb").st_blocks * 512
+    except FileNotFoundError:
+        file = 0
+    return DiskRoom(path, total, st.f_bavail * st.f_frsize, disk_reserve(total), file)
+
+
+def _short_write(exc: lmdb.Error) -> bool:
+    """Whether LMDB failed as it does when writing its file fails: EIO for a short write
+    (a full disk), or the errno of a failed one."""
+    text = str(exc)
+    return "Input/output error" in text or "No space left" in text
+
+
 class Store:
     """An open store. Thread-safe: any thread may read; writes are serialised."""
 
@@ -327,7 +416,9 @@ class Store:
                 self.cluster_id: bytes = cluster_id
                 stored_size = read_meta(txn, self.db.meta, META_MAX_SIZE)
             self.max_size = max_size or (from_u64(stored_size) if stored_size else DEFAULT_MAX_SIZE)
-            if max_size is None and stored_size:
+            if not readonly:
+                self.env.set_mapsize(self._map_bound())  # no transaction is open yet
+            elif max_size is None and stored_size:
                 self.env.set_mapsize(self.max_size)
             if max_size is not None and not readonly and stored_size != u64(max_size):
                 with self.env.begin(write=True) as txn:
@@ -432,6 +523,67 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # --- room -----------------------------------------------------------------------
+    def room(self) -> DiskRoom:
+        return disk_room(self.path)
+
+    def capacity(self, who: int = WRITING) -> int:
+        """Bytes the store may grow to: `max_size`, or what its disk can hold if less
+        (beside the part of the reserve that `who` leaves free)."""
+        room = self.room()
+        return min(self.max_size, room.file + room.usable_for(who))
+
+    def _map_bound(self, who: int = WRITING) -> int:
+        return max(1 << 20, self.capacity(who) // 4096 * 4096)
+
+    def fit_map(self, who: int = WRITING) -> bool:
+        """Set the map to what the disk can hold now for `who` (pruning and deleting may
+        take parts of the reserve); returns whether the map is as asked.
+
+        Remapping needs every reader of this process out of the environment, so it waits
+        for them at most REMAP_WAIT, and it is not done at all from a thread inside a read
+        transaction. A change smaller than an eighth of the reserve is not worth stalling
+        readers for: the reserve absorbs it."""
+        if self.read_only_reason == "opened read-only" or self._env_lock.held_here():
+            return False
+        want = self._map_bound(who)
+        current = self.env.info()["map_size"]
+        if abs(want - current) < max(1 << 20, self.room().reserve // 8) and who == WRITING:
+            return True
+        if not self._write_lock.acquire(timeout=REMAP_WAIT):
+            return False
+        try:
+            with self._env_lock.exclusive(REMAP_WAIT):
+                self.env.set_mapsize(want)
+        except TimeoutError:
+            return False
+        finally:
+            self._write_lock.release()
+        log.debug("store map %d -> %d bytes (%s)", current, self.env.info()["map_size"],
+                  self.room().describe())
+        return True
+
+    def _full(self) -> StoreFull:
+        """The StoreFull to raise now: the disk's, if the disk is what bounds the store."""
+        room = self.room()
+        if room.file + room.usable < self.max_size:
+            return StoreFull(f"disk full: {room.describe()}")
+        return StoreFull(f"store is full ({self.max_size} bytes, its --max-size)")
+
+    def _full_or_raise(self, exc: lmdb.Error) -> StoreFull:
+        """The StoreFull that LMDB error `exc` means; re-raises `exc` if it is no such thing.
+
+        MapFullError is the map's bound; a failed write of the data file is the disk's,
+        once the disk is found (nearly) full: something other than this store took the
+        reserve. The transaction was aborted either way, and the environment stays usable."""
+        if isinstance(exc, lmdb.MapFullError):
+            return self._full()
+        if _short_write(exc):
+            room = self.room()
+            if room.free < room.reserve:
+                return self._full()
+        raise exc
+
     # --- position -------------------------------------------------------------------
     def _load_position(self) -> None:
         with self.env.begin() as txn:
@@ -466,12 +618,18 @@ class Store:
             return read_meta(txn, self.db.meta, key)
 
     def set_meta(self, key: bytes, value: bytes) -> None:
-        with self._write_lock, self.env.begin(write=True) as txn:
-            write_meta(txn, self.db.meta, key, value)
+        try:
+            with self._write_lock, self.env.begin(write=True) as txn:
+                write_meta(txn, self.db.meta, key, value)
+        except lmdb.Error as exc:
+            raise self._full_or_raise(exc) from exc
 
     def delete_meta(self, key: bytes) -> None:
-        with self._write_lock, self.env.begin(write=True) as txn:
-            txn.delete(key, db=self.db.meta)
+        try:
+            with self._write_lock, self.env.begin(write=True) as txn:
+                txn.delete(key, db=self.db.meta)
+        except lmdb.Error as exc:
+            raise self._full_or_raise(exc) from exc
 
     @property
     def role(self) -> str:
@@ -648,15 +806,25 @@ class Store:
         if self.read_only_reason:
             raise ReadOnly(self.read_only_reason)
         parts = split_write(op)
-        return self._with_room(lambda: self._submit(parts))
+        return self._with_room(lambda: self._submit(parts), frees=isinstance(op, FREEING_OPS))
 
-    def _with_room(self, attempt: Callable[[], int]) -> int:
-        """`attempt()`, once more after `make_room` if the store was full."""
+    def _with_room(self, attempt: Callable[[], int], frees: bool = False) -> int:
+        """`attempt()`, once more after `make_room` if the store was full. An op that
+        `frees` room (a delete) may then take some of the disk's reserve: deleting needs a
+        few pages too, and a store too full to delete in would stay full for good."""
         try:
             return attempt()
         except StoreFull:
             self.make_room()
+            try:
+                return attempt()
+            except StoreFull:
+                if not frees or not self.fit_map(DELETING):
+                    raise
+        try:
             return attempt()
+        finally:
+            self.fit_map()
 
     def _submit(self, parts: list[ops.Op]) -> int:
         if self._queue is not None:
@@ -668,14 +836,18 @@ class Store:
 
     def make_room(self) -> None:
         """What a full store does before it answers ENOSPC: let its owner drop journal
-        nobody needs (`on_full`), then commit once more, empty. LMDB reuses pages freed by
-        a transaction only from the next-but-one on, so after a delete or a prune the
-        empty commit is what makes that space available."""
+        nobody needs (`on_full`), measure the disk again (room freed outside the store),
+        then commit once more, empty. LMDB reuses pages freed by a transaction only from
+        the next-but-one on, so after a delete or a prune the empty commit is what makes
+        that space available."""
         if self.on_full is not None:
             try:
                 self.on_full()
+            except StoreFull as exc:
+                log.debug("nothing could be pruned: %s", exc)
             except Exception:
                 log.exception("making room in a full store failed")
+        self.fit_map()
         with self._write_lock:
             self._advance()
 
@@ -685,8 +857,8 @@ class Store:
         try:
             with self.env.begin(write=True) as txn:
                 committed = self._apply_parts(txn, parts, self.last_seq)
-        except lmdb.MapFullError as exc:
-            raise StoreFull(f"store is full ({self.max_size} bytes)") from exc
+        except lmdb.Error as exc:
+            raise self._full_or_raise(exc) from exc
         self.last_seq = committed[-1][0]
         self._notify(committed)
         return self.last_seq
@@ -711,8 +883,11 @@ class Store:
         return committed
 
     def _advance(self) -> None:
-        with contextlib.suppress(lmdb.MapFullError), self.env.begin(write=True) as txn:
-            write_meta(txn, self.db.meta, META_LAST_SEQ, u64(self.last_seq))
+        try:
+            with self.env.begin(write=True) as txn:
+                write_meta(txn, self.db.meta, META_LAST_SEQ, u64(self.last_seq))
+        except lmdb.Error as exc:
+            self._full_or_raise(exc)  # full is what the caller knows already
 
     def _group_writer(self) -> None:
         assert self._queue is not None
@@ -751,15 +926,20 @@ class Store:
                         except (FsError, DamagedValue) as exc:
                             results.append((future, exc))
                             continue
-                        except lmdb.MapFullError:
-                            results.append((future, StoreFull(f"store is full ({self.max_size} bytes)")))
+                        except lmdb.MapFullError as exc:
+                            results.append((future, self._full_or_raise(exc)))
                             continue
                         seq += len(mine)
                         committed.extend(mine)
                         results.append((future, seq))
-            except lmdb.MapFullError:
+            except lmdb.Error as exc:
+                try:
+                    failure: Exception = self._full_or_raise(exc)
+                except lmdb.Error:
+                    log.exception("group commit failed")
+                    failure = exc
                 committed = []
-                results = [(f, StoreFull("store is full")) for _, f in batch]
+                results = [(f, failure) for _, f in batch]
             except Exception as exc:  # the whole group failed: every caller hears of it
                 log.exception("group commit failed")
                 committed = []
@@ -803,9 +983,17 @@ class Store:
         Raises SequenceGap when a record does not follow, CorruptRecord or WrongCluster
         when one fails verification, StaleEpoch when one is of an older epoch than the
         records before it (a deposed primary's); records before the bad one are committed.
-        A full store makes room (`make_room`) and tries once more before raising StoreFull.
+        A full store makes room (`make_room`) and tries once more; then it applies the
+        records in halves, so that as many go in as fit, before raising StoreFull.
         """
-        return self._with_room(lambda: self._apply_records(raws))
+        try:
+            return self._with_room(lambda: self._apply_records(raws))
+        except StoreFull:
+            if len(raws) <= 1:
+                raise
+        half = len(raws) // 2
+        self.apply_records(raws[:half])
+        return self.apply_records(raws[half:])
 
     def _apply_records(self, raws: list[bytes]) -> int:
         with self._write_lock:
@@ -845,8 +1033,8 @@ class Store:
                         self._note_inode(record.op)
                         seq = record.seq
                         committed.append((seq, bytes(raw)))
-            except lmdb.MapFullError as exc:
-                raise StoreFull(f"store is full ({self.max_size} bytes)") from exc
+            except lmdb.Error as exc:
+                raise self._full_or_raise(exc) from exc
             if committed:
                 self.last_seq = seq
                 self._notify(committed)
@@ -887,17 +1075,32 @@ class Store:
             }
 
     def checkpoint(self, dest: str | os.PathLike) -> int:
-        """Write a consistent compact copy of the store into `dest`; returns its seq."""
+        """Write a consistent compact copy of the store into `dest`; returns its seq.
+        StoreFull if the disk under `dest` fills meanwhile (the caller removes `dest`)."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        with self._env_lock.shared():
-            self.env.copy(str(dest), compact=True)
+        try:
+            with self._env_lock.shared():
+                self.env.copy(str(dest), compact=True)
+        except lmdb.Error as exc:
+            if _short_write(exc):
+                raise StoreFull(f"disk full: a checkpoint filled {disk_room(dest).describe()}") from exc
+            raise
         fsync_path(dest / "data.mdb")
         fsync_path(dest)
         _cluster, seq, _epoch = inspect_environment(dest)
-        with self._write_lock, self.env.begin(write=True) as txn:
-            write_meta(txn, self.db.meta, META_CHECKPOINT_SEQ, u64(seq))
+        try:
+            with self._write_lock, self.env.begin(write=True) as txn:
+                write_meta(txn, self.db.meta, META_CHECKPOINT_SEQ, u64(seq))
+        except lmdb.Error as exc:
+            # Only a note of the newest checkpoint: the checkpoint itself is whole.
+            log.debug("checkpoint %d not noted in the store: %s", seq, self._full_or_raise(exc))
         return seq
+
+    def checkpoint_room(self) -> tuple[int, DiskRoom]:
+        """(bytes a checkpoint of the store needs at most, the room on its disk now). A
+        compact copy holds the pages in use and no more."""
+        return self.used_bytes(), self.room()
 
     def prune(self, below: int, batch: int = 4096) -> int:
         """Delete journal records with seq < below, in short transactions; returns how many.
@@ -910,19 +1113,31 @@ class Store:
         can go.
         """
         removed = 0
-        while True:
-            try:
-                n, more = self._prune_batch(below, batch)
-            except lmdb.MapFullError as exc:
-                with self._write_lock:
-                    self._advance()
-                if batch == 1:
-                    raise StoreFull(f"store is full ({self.max_size} bytes), even to prune") from exc
-                batch = max(1, batch // 8)
-                continue
-            removed += n
-            if not more:
-                return removed
+        widened = tried_widening = False
+        try:
+            while True:
+                try:
+                    n, more = self._prune_batch(below, batch)
+                except lmdb.Error as exc:
+                    full = self._full_or_raise(exc)
+                    with self._write_lock:
+                        self._advance()
+                    if not tried_widening:
+                        # Pruning is what gives room back: it may take some of the reserve
+                        # that writers may not.
+                        tried_widening = True
+                        widened = self.fit_map(PRUNING)
+                        continue
+                    if batch == 1:
+                        raise StoreFull(f"{full}; not even one journal record could be pruned") from exc
+                    batch = max(1, batch // 8)
+                    continue
+                removed += n
+                if not more:
+                    return removed
+        finally:
+            if widened:
+                self.fit_map()
 
     def _prune_batch(self, below: int, batch: int) -> tuple[int, bool]:
         """Prune up to `batch` records below `below` in one transaction; returns how many,
@@ -984,5 +1199,5 @@ def _install_data_file(source_dir: Path, store_dir: Path) -> None:
 
 __all__ = [
     "Store", "EnvLock", "inspect_environment", "fsync_path", "split_write", "parse_size", "is_store",
-    "DEFAULT_MAX_SIZE",
+    "DEFAULT_MAX_SIZE", "DiskRoom", "disk_room", "disk_reserve",
 ]

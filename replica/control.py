@@ -28,6 +28,8 @@ from typing import Any
 
 import zmq
 
+from journal.errors import FsError
+
 from . import protocol as p
 from .common import DropCounter, Started
 
@@ -162,6 +164,9 @@ class ControlServer:
             return {"ok": False, "error": str(exc)}
         try:
             return {"ok": True, **self.handlers[request["cmd"]](request)}
+        except FsError as exc:  # a refusal the node foresaw (e.g. no room for a checkpoint)
+            log.info("control command %s refused: %s", request["cmd"], exc)
+            return {"ok": False, "error": str(exc)}
         except Exception as exc:  # the answer says what failed; the node keeps serving
             log.exception("control command %s failed", request["cmd"])
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

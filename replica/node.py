@@ -52,7 +52,7 @@ from journal.checkpoints import (
     RetentionPolicy,
     prune_point,
 )
-from journal.errors import StoreDamaged
+from journal.errors import StoreDamaged, StoreFull
 from journal.integrity import DamagedValue
 from journal.schema import META_FENCED, META_ROLE, from_u64
 from journal.scrub import ScrubProgress, scrub
@@ -79,6 +79,10 @@ log = logging.getLogger(__name__)
 MAINTENANCE_TICK = 1.0
 #: The maintenance thread prunes once at least this many records can go.
 PRUNE_AT_LEAST = 1024
+#: A maintenance problem that persists is logged again after this many seconds.
+TROUBLE_REPEAT = 600.0
+#: Pruning to make room in a full store is logged at most this often (seconds).
+FULL_LOG_EVERY = 60.0
 #: Entries a standby's data directory may hold before it has a store.
 _BOOTSTRAP_LEFTOVERS = {INCOMING, "node.lock", "control.sock", "checkpoints"}
 #: How long a promotion waits for a mount it asked for to come up (seconds).
@@ -189,6 +193,9 @@ class Node:
         self._control: ControlServer | None = None
         self.last_prune: dict[str, Any] = {}
         self._retain_lock = threading.Lock()
+        #: What maintenance could not do ({what: (message, when logged)}), logged once.
+        self._trouble: dict[str, tuple[str, float]] = {}
+        self._full_logged = -FULL_LOG_EVERY
         self.takeover: Takeover | None = None
         self._promote_lock = threading.Lock()
         #: Wakes the main thread of a standby: stop, or a mount a promotion asked for.
@@ -285,16 +292,30 @@ class Node:
             requests, self._checkpoint_requests = self._checkpoint_requests, []
             self._checkpoint_wanted.clear()
             try:
+                self.store.fit_map()  # the disk may have filled or emptied meanwhile
                 due = time.monotonic() - last_checkpoint >= self.config.checkpoint_interval
                 newest = self.checkpoints.newest()
+                checkpoint = None
                 if requests or (due and (newest is None or newest.seq < self.store.last_seq)):
-                    checkpoint = self.checkpoints.take()
-                    last_checkpoint = time.monotonic()
-                    pruned = self._retain(eager=bool(requests))
-                    for future in requests:
-                        future.set_result((checkpoint, pruned))
-                else:
-                    self._retain()
+                    try:
+                        checkpoint = self.checkpoints.take()
+                    except StoreFull as exc:
+                        self._troubled("checkpoint", f"checkpoint skipped: {exc}")
+                        for future in requests:
+                            future.set_exception(exc)
+                        requests = []
+                    else:
+                        self._untroubled("checkpoint", "checkpoints are taken again")
+                        last_checkpoint = time.monotonic()
+                pruned = self._retain(eager=bool(requests))
+                for future in requests:
+                    future.set_result((checkpoint, pruned))
+                self._untroubled("maintenance", "maintenance works again")
+            except StoreFull as exc:
+                self._troubled("maintenance", f"cannot prune the journal: {exc}")
+                for future in requests:
+                    if not future.done():
+                        future.set_exception(exc)
             except DamagedValue as exc:
                 # Pruning met a damaged record a block still needs: noted and logged once
                 # by the store, repaired from the peer if it can be.
@@ -303,15 +324,30 @@ class Node:
                     if not future.done():
                         future.set_exception(exc)
             except StoreDamaged as exc:
-                log.error("maintenance: %s", exc)
+                self._troubled("maintenance", f"maintenance: {exc}")
                 for future in requests:
                     if not future.done():
                         future.set_exception(exc)
             except Exception as exc:
-                log.exception("maintenance failed")
+                self._troubled("maintenance", f"maintenance failed: {exc!r}", exc)
                 for future in requests:
                     if not future.done():
                         future.set_exception(exc)
+
+    def _troubled(self, what: str, message: str, exc: BaseException | None = None) -> None:
+        """Log a maintenance problem once (one that lasts: again after TROUBLE_REPEAT), not on
+        every tick; an unexpected one with its traceback, the first time."""
+        now = time.monotonic()
+        previous = self._trouble.get(what)
+        if previous is not None and now - previous[1] < TROUBLE_REPEAT:
+            return  # the figures in the message change; the problem does not
+        self._trouble[what] = (message, now)
+        log.log(logging.WARNING if exc is None else logging.ERROR, "%s", message,
+                exc_info=exc if previous is None else None)
+
+    def _untroubled(self, what: str, message: str) -> None:
+        if self._trouble.pop(what, None) is not None:
+            log.info("%s", message)
 
     def _can_maintain(self) -> bool:
         return self.follower is None or self.follower.state.value in ("following", "catching-up")
@@ -327,7 +363,7 @@ class Node:
                 self.replication.persist_known()
             acks = self.replication.standby_positions() if self.replication else {}
             first = store.first_seq()
-            below, given_up = prune_point(self.config.retention.within(store.max_size), first_seq=first,
+            below, given_up = prune_point(self.config.retention.within(store.capacity()), first_seq=first,
                                           last_seq=store.last_seq, standby_acks=acks,
                                           journal_bytes=store.journal_bytes())
             if given_up and self.replication:
@@ -335,7 +371,11 @@ class Node:
             if below - first >= (1 if eager or full else PRUNE_AT_LEAST):
                 removed = store.prune(below)
                 self.last_prune = {"below": below, "removed": removed, "time": time.time()}
-                log.log(logging.WARNING if full else logging.DEBUG,
+                # A store at its bound prunes on every write it refuses: say so now and then.
+                loud = full and time.monotonic() - self._full_logged >= FULL_LOG_EVERY
+                if loud:
+                    self._full_logged = time.monotonic()
+                log.log(logging.WARNING if loud else logging.DEBUG,
                         "pruned %d journal records below seq %d%s", removed, below,
                         " to make room in a full store" if full else "")
                 return self.last_prune

@@ -51,6 +51,7 @@ the whole of message handling, so tests feed them forged frames directly.
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -67,7 +68,7 @@ from journal.checkpoints import Checkpoints
 from journal.errors import CorruptRecord, SequenceGap, StaleEpoch, StoreError, StoreFull, WrongCluster
 from journal.integrity import DamagedValue
 from journal.schema import META_FENCED, META_ROLE, META_UPSTREAM, epoch_at
-from journal.store import Store, inspect_environment, is_store
+from journal.store import Store, disk_room, inspect_environment, is_store
 
 from . import protocol as p
 from .common import (
@@ -213,6 +214,7 @@ class SnapshotDownload:
         self.snap_id, self.size, self.chunk, self.cluster_id = snap_id, size, chunk, cluster_id
         if not resume:
             shutil.rmtree(self.root, ignore_errors=True)
+        self._check_room(resume)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.directory / "data.mdb", os.O_WRONLY | os.O_CREAT, 0o600)
         if not resume:
@@ -225,6 +227,27 @@ class SnapshotDownload:
             log.info("resuming snapshot %d at byte %d of %d", snap_id, resume, size)
         else:
             log.info("downloading snapshot %d (%d bytes)", snap_id, size)
+
+    def _check_room(self, resume: int) -> None:
+        """Refuse a download that the disk cannot hold (beside the reserve a store leaves
+        free) before it begins: the part file is sparse, so it would fail only halfway."""
+        try:
+            on_disk = os.stat(self.directory / "data.mdb").st_blocks * 512 if resume else 0
+        except FileNotFoundError:
+            on_disk = 0
+        room = disk_room(self.root.parent)
+        need = max(0, self.size - on_disk)
+        if need > room.usable:
+            mib = 1 << 20
+            raise FollowerFatal(
+                f"disk full: {self.root.parent}: the primary's snapshot {self.snap_id} is "
+                f"{self.size / mib:.1f} MiB; it needs {(need + room.reserve) / mib:.1f} MiB free there "
+                f"({room.reserve / mib:.1f} MiB of them kept in reserve), and {room.free / mib:.1f} MiB "
+                f"of {room.total / mib:.1f} MiB are free")
+
+    def _disk_full(self, exc: OSError) -> FollowerFatal:
+        return FollowerFatal(f"disk full while receiving snapshot {self.snap_id} ({self.size} bytes, "
+                             f"{self.done} received): {disk_room(self.root.parent).describe()}")
 
     def requests(self) -> list[tuple[int, int]]:
         """(offset, length) of the SNAP_GETs to send now, within the credit."""
@@ -251,20 +274,25 @@ class SnapshotDownload:
             raise p.BadMessage("unexpected", f"chunk at {offset} of snapshot {self.snap_id} not asked for")
         if len(data) != min(self.chunk, self.size - offset):
             raise p.BadMessage("malformed", f"chunk at {offset} of {len(data)} bytes")
-        os.pwrite(self._fd, data, offset)
-        del self.inflight[offset]
-        self.received.add(offset)
-        while self.done in self.received:
-            self.received.discard(self.done)
-            self.done = min(self.size, self.done + self.chunk)
-        self.last_progress = time.monotonic()
-        if self.done >= self.size:
-            os.fsync(self._fd)
-            self._save()
-            return True
-        if self.done - self.saved >= self.SAVE_EVERY:
-            os.fdatasync(self._fd)
-            self._save()
+        try:
+            os.pwrite(self._fd, data, offset)
+            del self.inflight[offset]
+            self.received.add(offset)
+            while self.done in self.received:
+                self.received.discard(self.done)
+                self.done = min(self.size, self.done + self.chunk)
+            self.last_progress = time.monotonic()
+            if self.done >= self.size:
+                os.fsync(self._fd)
+                self._save()
+                return True
+            if self.done - self.saved >= self.SAVE_EVERY:
+                os.fdatasync(self._fd)
+                self._save()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._disk_full(exc) from exc
+            raise
         return False
 
     def _save(self) -> None:
@@ -484,6 +512,8 @@ class Follower:
             self.error = str(exc)
             log.critical("STOPPED FOLLOWING %s: %s", self.primary, exc)
         except FollowerFatal as exc:
+            self._fatal(str(exc), State.FAILED)
+        except StoreFull as exc:  # e.g. noting the upstream's position in a full store
             self._fatal(str(exc), State.FAILED)
         except Exception as exc:
             log.exception("follower failed")
@@ -824,7 +854,8 @@ class Follower:
                 self._repair_aside(store, exc)
                 break
             except StoreFull as exc:
-                raise FollowerFatal(f"this store is full: {exc}") from exc
+                raise FollowerFatal(str(exc) if str(exc).startswith("disk full")
+                                    else f"this store is full: {exc}") from exc
             except StoreError as exc:
                 raise FollowerFatal(f"the primary's journal does not apply here: {exc}") from exc
             self.stats["applied_records"] += store.last_seq - before

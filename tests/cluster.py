@@ -172,8 +172,8 @@ class Cluster:
         return [*args, "--secret", str(self.secret)]
 
     def primary(self, name: str = "p", *extra: str, listen: bool = True, env: dict[str, str] | None = None,
-                start: bool = True) -> Proc:
-        data, mount = self.root / f"{name}-data", self.root / f"{name}-mnt"
+                start: bool = True, data: Path | None = None) -> Proc:
+        data, mount = data or self.root / f"{name}-data", self.root / f"{name}-mnt"
         make_mountpoint(mount)
         args = ["primary", "--data", str(data), "--mount", str(mount)]
         port = 0
@@ -188,8 +188,9 @@ class Cluster:
         return proc
 
     def standby(self, primary: Proc, name: str = "s", *extra: str, mount: bool = True,
-                env: dict[str, str] | None = None, start: bool = True, wait: bool = True) -> Proc:
-        data = self.root / f"{name}-data"
+                env: dict[str, str] | None = None, start: bool = True, wait: bool = True,
+                data: Path | None = None) -> Proc:
+        data = data or self.root / f"{name}-data"
         mountpoint = self.root / f"{name}-mnt" if mount else None
         args = ["standby", "--data", str(data), "--primary", primary.address, "--name", name]
         if mountpoint is not None:
