@@ -79,7 +79,8 @@ class TandemFS(Operations):
             "st_gid": node.gid,
             "st_rdev": node.rdev,
             "st_size": node.size,
-            "st_blocks": node.sectors() if stat.S_ISREG(node.mode) else (node.size + 511) // 512,
+            # What a file occupies (its stored blocks), so that sparse files look sparse.
+            "st_blocks": min(node.blocks * (BLOCK_SIZE // 512), (node.size + 511) // 512),
             "st_blksize": BLOCK_SIZE,
             "st_atime": node.atime_ns,
             "st_mtime": node.mtime_ns,

@@ -109,7 +109,7 @@ def _new_entry_checks(state: FsState, parent: int, name: bytes, ino: int) -> Non
 
 def _delete_inode(state: FsState, ino: int) -> None:
     txn, db = state.txn, state.db
-    txn.delete(u64(ino), db=db.inodes)
+    state.delete_inode(ino)
     txn.delete(u64(ino), db=db.symlinks)
     _delete_prefix(state, db.blocks, u64(ino))
     _delete_prefix(state, db.xattrs, u64(ino))

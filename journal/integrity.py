@@ -47,6 +47,13 @@ _PAIR = struct.Struct(">QQ")
 DB_TAGS = {DB_META: 1, DB_INODES: 2, DB_DIRENTS: 3, DB_BLOCKS: 4, DB_SYMLINKS: 5, DB_XATTRS: 6,
            DB_JOURNAL: 7}
 _xxh3 = xxhash.xxh3_64_intdigest
+_pack = _SUM.pack
+#: For the hot paths that inline a check (journal/state.py): the hash, and the checksum's
+#: packing, as `seal` and `unseal` use them.
+xxh3 = _xxh3
+pack_checksum = _pack
+#: Values up to this size are returned by unseal as copies, larger ones as views.
+_COPY_BELOW = 512
 
 
 def checksum(db_name: bytes, key: bytes | memoryview, value: bytes | memoryview) -> int:
@@ -57,20 +64,25 @@ def seal(db_name: bytes, key: bytes | memoryview, *parts: bytes | memoryview) ->
     """The concatenation of `parts` followed by its checksum, as it is stored under `key`
     in `db_name`: one copy of the bytes, however many parts."""
     if len(parts) == 1:
-        return b"".join((parts[0], _SUM.pack(checksum(db_name, key, parts[0]))))
+        value = parts[0]
+        tail = _pack(_xxh3(value, _xxh3(key, DB_TAGS[db_name])))
+        return value + tail if type(value) is bytes else b"".join((value, tail))
     hasher = xxhash.xxh3_64(seed=_xxh3(key, DB_TAGS[db_name]))
     for part in parts:
         hasher.update(part)
-    return b"".join((*parts, _SUM.pack(hasher.intdigest())))
+    return b"".join((*parts, _pack(hasher.intdigest())))
 
 
-def unseal(db_name: bytes, key: bytes | memoryview, raw: bytes | memoryview) -> memoryview:
-    """The value stored as `raw` under `key`, verified; raises DamagedValue."""
-    view = memoryview(raw)
-    if len(view) < CHECKSUM_SIZE:
-        raise DamagedValue(db_name, bytes(key), f"value of {len(view)} bytes is shorter than its checksum")
-    value = view[:-CHECKSUM_SIZE]
-    if _SUM.unpack_from(view, len(view) - CHECKSUM_SIZE)[0] != checksum(db_name, key, value):
+def unseal(db_name: bytes, key: bytes | memoryview, raw: bytes | memoryview) -> bytes | memoryview:
+    """The value stored as `raw` under `key`, verified; raises DamagedValue.
+
+    Every read of the store comes through here, so it is kept to a few C calls: a small
+    value is returned as a copy (cheaper than a view), a large one (a block) as a view."""
+    end = len(raw) - CHECKSUM_SIZE
+    if end < 0:
+        raise DamagedValue(db_name, bytes(key), f"value of {len(raw)} bytes is shorter than its checksum")
+    value = raw[:end] if end <= _COPY_BELOW else memoryview(raw)[:end]
+    if _pack(_xxh3(value, _xxh3(key, DB_TAGS[db_name]))) != raw[end:]:
         raise DamagedValue(db_name, bytes(key), "checksum mismatch")
     return value
 

@@ -163,9 +163,10 @@ def epoch_at(history: Sequence[tuple[int, int]], seq: int) -> int:
 
 
 _INODE = struct.Struct(">IIIIQQqqqQQQ")
+INODE_SIZE = _INODE.size
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     """An inode's attributes. Times are nanoseconds since the epoch."""
 
@@ -195,6 +196,11 @@ class Inode:
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> Inode:
         return cls(*_INODE.unpack(raw))
+
+    @classmethod
+    def unpack_from(cls, raw: bytes | memoryview) -> Inode:
+        """The inode at the start of `raw` (a sealed value: the checksum follows)."""
+        return cls(*_INODE.unpack_from(raw))
 
     def sectors(self) -> int:
         """st_blocks: 512-byte units the file occupies, its stored blocks but no more

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import stat
+import struct
 from collections.abc import Iterator
 
 import lmdb
 
 from .errors import CorruptRecord, NameTooLong, NoSuchAttribute, NotADirectory, NotFound
-from .integrity import DamagedValue, seal, unseal
+from .integrity import CHECKSUM_SIZE, DB_TAGS, DamagedValue, pack_checksum, seal, unseal, xxh3
 from .records import verify_record
 from .schema import (
     BLOCK_DATA,
@@ -26,6 +27,7 @@ from .schema import (
     DB_META,
     DB_SYMLINKS,
     DB_XATTRS,
+    INODE_SIZE,
     META_NEXT_INO,
     NAME_MAX,
     ROOT_INO,
@@ -39,6 +41,13 @@ from .schema import (
     u64,
     xattr_key,
 )
+
+_U64 = struct.Struct(">Q")
+_META_TAG = DB_TAGS[DB_META]
+_INODES_TAG = DB_TAGS[DB_INODES]
+_DIRENTS_TAG = DB_TAGS[DB_DIRENTS]
+_SEALED_INODE = INODE_SIZE + CHECKSUM_SIZE
+_SEALED_INO = 8 + CHECKSUM_SIZE
 
 
 class _PyBuffer(ctypes.Structure):
@@ -79,38 +88,56 @@ def check_name(name: bytes) -> None:
 
 
 class FsState:
-    __slots__ = ("txn", "db")
+    __slots__ = ("txn", "db", "_inodes")
 
     def __init__(self, txn: lmdb.Transaction, db: Databases) -> None:
         self.txn = txn
         self.db = db
+        #: Inodes read (and verified) or written through this view, by number: an operation
+        #: reads the same few inodes several times. Every write of an inode goes through
+        #: put_inode or delete_inode, which keep it current; an Inode handed out is the one
+        #: kept here, so whoever changes one puts it (or the transaction is abandoned).
+        self._inodes: dict[int, Inode] = {}
 
     # --- sealed values --------------------------------------------------------------
-    def get_meta(self, key: bytes) -> memoryview | None:
+    # The checks of inodes and directory entries, the values every call reads, are inlined
+    # (integrity.unseal's, for their fixed sizes): they are most of a lookup's cost otherwise.
+    def get_meta(self, key: bytes) -> bytes | memoryview | None:
         raw = self.txn.get(key, db=self.db.meta)
         return None if raw is None else unseal(DB_META, key, raw)
 
     def put_meta(self, key: bytes, value: bytes) -> None:
-        self.txn.put(key, seal(DB_META, key, value), db=self.db.meta)
+        self.txn.put(key, value + pack_checksum(xxh3(value, xxh3(key, _META_TAG))), db=self.db.meta)
 
     # --- inodes ---------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
-        key = u64(ino)
+        node = self._inodes.get(ino)
+        if node is not None:
+            return node
+        key = _U64.pack(ino)
         raw = self.txn.get(key, db=self.db.inodes)
         if raw is None:
             raise NotFound(f"inode {ino}")
-        value = unseal(DB_INODES, key, raw)
-        try:
-            return Inode.unpack(value)
-        except Exception as exc:  # struct.error: a value whose checksum holds but not its size
-            raise DamagedValue(DB_INODES, key, f"value of {len(value)} bytes is not an inode") from exc
+        if len(raw) != _SEALED_INODE or (pack_checksum(xxh3(raw[:INODE_SIZE], xxh3(key, _INODES_TAG)))
+                                         != raw[INODE_SIZE:]):
+            value = unseal(DB_INODES, key, raw)  # raises, saying what is wrong; or the size is
+            raise DamagedValue(DB_INODES, key, f"value of {len(value)} bytes is not an inode")
+        node = self._inodes[ino] = Inode.unpack_from(raw)
+        return node
 
     def has_inode(self, ino: int) -> bool:
-        return self.txn.get(u64(ino), db=self.db.inodes) is not None
+        return ino in self._inodes or self.txn.get(u64(ino), db=self.db.inodes) is not None
 
     def put_inode(self, ino: int, inode: Inode) -> None:
-        key = u64(ino)
-        self.txn.put(key, seal(DB_INODES, key, inode.pack()), db=self.db.inodes)
+        key = _U64.pack(ino)
+        value = inode.pack()
+        self.txn.put(key, value + pack_checksum(xxh3(value, xxh3(key, _INODES_TAG))), db=self.db.inodes)
+        self._inodes[ino] = inode
+
+    def delete_inode(self, ino: int) -> None:
+        """Delete inode `ino`'s attributes (apply deletes the rest of it)."""
+        self.txn.delete(_U64.pack(ino), db=self.db.inodes)
+        self._inodes.pop(ino, None)
 
     def next_ino(self) -> int:
         raw = self.get_meta(META_NEXT_INO)
@@ -123,11 +150,11 @@ class FsState:
         return node
 
     # --- names ----------------------------------------------------------------------
-    def _dirent(self, key: bytes, raw: bytes | memoryview) -> int:
-        value = unseal(DB_DIRENTS, key, raw)
-        if len(value) != 8:
+    def _dirent(self, key: bytes | memoryview, raw: bytes | memoryview) -> int:
+        if len(raw) != _SEALED_INO or pack_checksum(xxh3(raw[:8], xxh3(key, _DIRENTS_TAG))) != raw[8:]:
+            value = unseal(DB_DIRENTS, key, raw)  # raises, saying what is wrong; or the size is
             raise DamagedValue(DB_DIRENTS, bytes(key), f"value of {len(value)} bytes is not an inode number")
-        return from_u64(value)
+        return _U64.unpack_from(raw)[0]
 
     def lookup(self, parent: int, name: bytes) -> int:
         ino = self.find(parent, name)
@@ -142,7 +169,8 @@ class FsState:
 
     def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
         key = dirent_key(parent, name)
-        self.txn.put(key, seal(DB_DIRENTS, key, u64(ino)), db=self.db.dirents)
+        value = _U64.pack(ino)
+        self.txn.put(key, value + pack_checksum(xxh3(value, xxh3(key, _DIRENTS_TAG))), db=self.db.dirents)
 
     def delete_dirent(self, parent: int, name: bytes) -> None:
         self.txn.delete(dirent_key(parent, name), db=self.db.dirents)
@@ -150,17 +178,22 @@ class FsState:
     def resolve(self, path: bytes) -> int:
         """Walk `path` (absolute, '/'-separated) from the root to an inode number."""
         ino = ROOT_INO
+        get, dirents = self.txn.get, self.db.dirents
         for name in path.split(b"/"):
             if not name:
                 continue
             if len(name) > NAME_MAX:
                 raise NameTooLong(name[:40])
-            child = self.find(ino, name)
-            if child is None:
+            key = _U64.pack(ino) + name
+            raw = get(key, db=dirents)
+            if raw is None:
                 if self.has_inode(ino):
                     self.directory(ino)  # ENOTDIR beats ENOENT when a component is a file
                 raise NotFound(path)
-            ino = child
+            # _dirent, inlined: this is every call's path walk.
+            if len(raw) != _SEALED_INO or pack_checksum(xxh3(raw[:8], xxh3(key, _DIRENTS_TAG))) != raw[8:]:
+                self._dirent(key, raw)  # raises
+            ino = _U64.unpack_from(raw)[0]
         return ino
 
     def entries(self, parent: int, after: bytes | None = None) -> Iterator[tuple[bytes, int]]:

@@ -880,6 +880,7 @@ class Store:
             raw = encode_record(self.cluster_id, self.epoch, seq, op)
             self._append(txn, self.epoch, seq, raw)
             committed.append((seq, raw))
+        write_meta(txn, self.db.meta, META_LAST_SEQ, u64(seq))
         return committed
 
     def _advance(self) -> None:
@@ -954,9 +955,9 @@ class Store:
                 future.set_result(result)
 
     def _append(self, txn: lmdb.Transaction, epoch: int, seq: int, raw: bytes) -> None:
+        """Journal record `seq`; the caller sets META_LAST_SEQ once for the transaction."""
         meta = self.db.meta
         txn.put(u64(seq), raw, db=self.db.journal, append=True)
-        write_meta(txn, meta, META_LAST_SEQ, u64(seq))
         if not self.epoch_history or epoch > self.epoch_history[-1][0]:
             # The first record of a new epoch: remember where the epoch begins.
             history = unpack_epoch_history(read_meta(txn, meta, META_EPOCH_HISTORY))
@@ -1033,6 +1034,8 @@ class Store:
                         self._note_inode(record.op)
                         seq = record.seq
                         committed.append((seq, bytes(raw)))
+                    if committed:
+                        write_meta(txn, self.db.meta, META_LAST_SEQ, u64(seq))
             except lmdb.Error as exc:
                 raise self._full_or_raise(exc) from exc
             if committed:

@@ -270,7 +270,7 @@ class Repairer:
         ino_key = key[:8]
         try:
             value = unseal(DB_BLOCKS, key, answer.value)
-            theirs = unseal(DB_INODES, ino_key, answer.context).tobytes()
+            theirs = bytes(unseal(DB_INODES, ino_key, answer.context))
         except DamagedValue as exc:
             log.error("the peer's answer for %s does not verify: %s", describe(DB_BLOCKS, key), exc)
             return False
@@ -282,7 +282,7 @@ class Repairer:
             if raw is None:
                 return False
             try:
-                return unseal(DB_INODES, ino_key, raw).tobytes() == theirs
+                return bytes(unseal(DB_INODES, ino_key, raw)) == theirs
             except DamagedValue:
                 return False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import itertools
 import stat
 import tempfile
@@ -833,7 +834,7 @@ def _raw_get(store: Store, db: object, key: bytes) -> bytes:
     with store.env.begin() as txn:
         value = txn.get(key, db=db)
     assert value is not None
-    return unseal(_db_name(store, db), key, value).tobytes()
+    return bytes(unseal(_db_name(store, db), key, value))
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -965,7 +966,7 @@ def test_fsck_reports_damage(tmp_path: Path, damage: str, expected: str) -> None
 
 
 def _with(node: Inode, **changes: int) -> Inode:
-    return Inode(**{**node.__dict__, **changes})
+    return dataclasses.replace(node, **changes)
 
 
 def test_digest_ignores_node_local_meta_and_journal(make_store) -> None:

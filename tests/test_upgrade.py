@@ -44,7 +44,7 @@ def _as_format_2(path: Path) -> None:
                 for key, raw in list(txn.cursor(db=handle)):
                     if name == DB_META and key == META_FORMAT:
                         continue
-                    value = unseal(name, key, raw).tobytes()
+                    value = bytes(unseal(name, key, raw))
                     txn.put(key, value[:-8] if name == DB_INODES else value, db=handle)
             for key, raw in list(txn.cursor(db=db.journal)):
                 txn.put(key, restamp(raw, 2), db=db.journal)
