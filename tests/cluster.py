@@ -29,7 +29,7 @@ import pytest
 from fs.mounting import unmount
 from replica.control import ControlError, NodeNotRunning, request
 from replica.security import create_secret
-from tests.mounts import make_mountpoint, wait_until
+from tests.mounts import is_served, make_mountpoint, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_PY = REPO / "mount.py"
@@ -108,7 +108,7 @@ class Proc:
     def wait_ready(self, timeout: float = 30.0) -> None:
         self.wait_status(lambda s: True, timeout, "control socket")
         if self.mount is not None:
-            wait_until(lambda: self._check_alive() and os.path.ismount(self.mount), timeout,
+            wait_until(lambda: self._check_alive() and is_served(self.mount), timeout,
                        f"mount of {self.name}", on_fail=self.log)
 
     def _check_alive(self) -> bool:

@@ -31,6 +31,19 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+def is_served(mountpoint: str | os.PathLike) -> bool:
+    """Whether a live filesystem is mounted on `mountpoint`. A dead FUSE mount left by a
+    killed node is still a mountpoint, and the kernel may answer a stat of it from its
+    cache for a second; statfs is never cached, and fails there (ENOTCONN)."""
+    if not os.path.ismount(mountpoint):
+        return False
+    try:
+        os.statvfs(mountpoint)
+    except OSError:
+        return False
+    return True
+
+
 def run_cli(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(MOUNT_PY), *args], capture_output=True, text=True,
                             timeout=timeout, cwd=REPO)
@@ -67,7 +80,7 @@ class Node:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited {self.proc.returncode} before mounting:\n{self.log()}")
-            return os.path.ismount(self.mountpoint)
+            return is_served(self.mountpoint)
 
         wait_until(ready, timeout, f"mount of {self.mountpoint}")
 
