@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import StoreDamaged, StoreFull
+from .errors import StoreFull
 from .store import Store, fsync_path
 
 log = logging.getLogger(__name__)
@@ -111,19 +111,6 @@ def prune_point(policy: RetentionPolicy, *, first_seq: int, last_seq: int,
     return max(below, first_seq), given_up
 
 
-def _verify_copy(path: Path) -> None:
-    """Scrub a checkpoint just written: it must not carry damage to a standby that
-    bootstraps from it, or into a backup. Raises StoreDamaged if it holds any."""
-    from .scrub import scrub
-
-    with Store(path, readonly=True) as copy:
-        result = scrub(copy)
-    if result.damaged or result.error:
-        raise StoreDamaged(f"checkpoint not taken: the store holds {result.damaged} damaged value(s) "
-                           f"({(result.unrepaired or [result.error])[0]}); `mount.py scrub` repairs them "
-                           "from a peer")
-
-
 class Checkpoints:
     """The checkpoints of one store: taking, listing and expiring them."""
 
@@ -172,7 +159,6 @@ class Checkpoints:
             started = time.monotonic()
             try:
                 seq = self.store.checkpoint(tmp)
-                _verify_copy(tmp)
                 final = self.root / str(seq)
                 if final.exists():
                     shutil.rmtree(tmp)

@@ -20,20 +20,8 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from .errors import CorruptRecord
-from .integrity import DamagedValue, unseal
-from .records import verify_record
-from .schema import (
-    DB_BLOCKS,
-    DB_DIRENTS,
-    DB_INODES,
-    DB_JOURNAL,
-    DB_META,
-    DB_SYMLINKS,
-    DB_XATTRS,
-    META_FORMAT,
-    from_u64,
-)
+from .integrity import DamagedValue
+from .state import SCRUBBED_DBS
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -43,7 +31,6 @@ BATCH_ENTRIES = 2048
 BATCH_BYTES = 64 << 20
 #: Damaged values listed in a report (the count is always whole).
 MAX_LISTED = 100
-SCRUBBED_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_SYMLINKS, DB_XATTRS, DB_BLOCKS, DB_JOURNAL)
 
 
 @dataclass
@@ -137,7 +124,7 @@ def _scrub_batch(store: Store, name: bytes, start: bytes, progress: ScrubProgres
             entries += 1
             size += len(raw)
             try:
-                _verify(state, name, key, raw)
+                state.verify_entry(name, key, raw)
             except DamagedValue as exc:
                 damaged.append(exc)
     progress.entries += entries
@@ -149,15 +136,3 @@ def _scrub_batch(store: Store, name: bytes, start: bytes, progress: ScrubProgres
         elif len(progress.unrepaired) < MAX_LISTED:
             progress.unrepaired.append(str(exc))
     return next_start
-
-
-def _verify(state, name: bytes, key: memoryview, raw: memoryview) -> None:
-    if name == DB_JOURNAL:
-        try:
-            verify_record(raw, from_u64(key))
-        except CorruptRecord as exc:
-            raise DamagedValue(DB_JOURNAL, bytes(key), str(exc)) from exc
-    elif name == DB_BLOCKS:
-        state.block_bytes(bytes(key), raw)
-    elif not (name == DB_META and bytes(key) == META_FORMAT):
-        unseal(name, bytes(key), raw)

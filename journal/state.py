@@ -24,10 +24,12 @@ from .schema import (
     DB_BLOCKS,
     DB_DIRENTS,
     DB_INODES,
+    DB_JOURNAL,
     DB_META,
     DB_SYMLINKS,
     DB_XATTRS,
     INODE_SIZE,
+    META_FORMAT,
     META_NEXT_INO,
     NAME_MAX,
     ROOT_INO,
@@ -42,6 +44,8 @@ from .schema import (
     xattr_key,
 )
 
+#: Every database whose values carry a checksum (all of them), in the order a scrub reads them.
+SCRUBBED_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_SYMLINKS, DB_XATTRS, DB_BLOCKS, DB_JOURNAL)
 _U64 = struct.Struct(">Q")
 _META_TAG = DB_TAGS[DB_META]
 _INODES_TAG = DB_TAGS[DB_INODES]
@@ -330,6 +334,34 @@ class FsState:
     def put_symlink(self, ino: int, target: bytes) -> None:
         key = u64(ino)
         self.txn.put(key, seal(DB_SYMLINKS, key, target), db=self.db.symlinks)
+
+    # --- verifying everything -----------------------------------------------------------
+    def verify_entry(self, db_name: bytes, key: bytes | memoryview, raw: bytes | memoryview) -> None:
+        """Check one stored entry of `db_name` (a value, a block with the record it refers
+        to, a journal record); raises DamagedValue."""
+        if db_name == DB_JOURNAL:
+            try:
+                verify_record(raw, from_u64(key))
+            except CorruptRecord as exc:
+                raise DamagedValue(DB_JOURNAL, bytes(key), str(exc)) from exc
+        elif db_name == DB_BLOCKS:
+            self.block_bytes(bytes(key), raw)
+        elif not (db_name == DB_META and bytes(key) == META_FORMAT):
+            unseal(db_name, bytes(key), raw)
+
+    def damaged_values(self, limit: int = 100) -> list[DamagedValue]:
+        """Every damaged entry of this transaction (at most `limit`): what a checkpoint,
+        which must not copy damage anywhere, checks in the transaction it copies."""
+        damaged: list[DamagedValue] = []
+        for db_name in SCRUBBED_DBS:
+            for key, raw in self.txn.cursor(db=self.db.by_name(db_name)):
+                try:
+                    self.verify_entry(db_name, key, raw)
+                except DamagedValue as exc:
+                    damaged.append(exc)
+                    if len(damaged) >= limit:
+                        return damaged
+        return damaged
 
     # --- xattrs ---------------------------------------------------------------------
     def getxattr(self, ino: int, name: bytes) -> bytes:

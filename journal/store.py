@@ -1083,12 +1083,21 @@ class Store:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            with self._env_lock.shared():
-                self.env.copy(str(dest), compact=True)
+            with self._env_lock.shared(), self.env.begin(buffers=True) as txn:
+                # Verified in the transaction that is copied: a checkpoint never carries damage
+                # to a standby that bootstraps from it, or into a backup.
+                damaged = FsState(txn, self.db).damaged_values()
+                if not damaged:
+                    self.env.copy(str(dest), compact=True, txn=txn)
         except lmdb.Error as exc:
             if _short_write(exc):
                 raise StoreFull(f"disk full: a checkpoint filled {disk_room(dest).describe()}") from exc
             raise
+        if damaged:
+            for exc in damaged:
+                self.handle_damage(exc)  # noted, and repaired from a peer if the node has one
+            raise StoreDamaged(f"checkpoint not taken: the store holds {len(damaged)} damaged value(s) "
+                               f"({damaged[0]}); `mount.py scrub` repairs them from a peer")
         fsync_path(dest / "data.mdb")
         fsync_path(dest)
         _cluster, seq, _epoch = inspect_environment(dest)

@@ -19,6 +19,8 @@ import pytest
 
 from journal import ops
 from journal.check import digest, fsck
+from journal.checkpoints import Checkpoints
+from journal.errors import StoreDamaged
 from journal.integrity import DamagedValue
 from journal.schema import BLOCK_SIZE, ROOT_INO
 from journal.store import Store
@@ -98,6 +100,23 @@ def test_damaged_bytes_raise_and_are_counted(tmp_path: Path) -> None:
             digest(store)
         assert not store.handle_damage(DamagedValue(b"blocks", bytes(16), "test"))  # no peer: not repaired
         assert store.integrity.summary()["damaged_found"] == 1
+
+
+def test_a_checkpoint_never_copies_damage(tmp_path: Path) -> None:
+    content = _small_store(tmp_path / "s")
+    with Store(tmp_path / "s") as store:
+        checkpoints = Checkpoints(store, keep=2)
+        assert checkpoints.take().seq == store.last_seq  # a whole store: taken
+    assert flip_everywhere(tmp_path / "s", content[2 * BS + 10:2 * BS + 74]) >= 1
+    with Store(tmp_path / "s") as store:
+        store.commit(ops.SetAttr(ino=2, fields=ops.SET_MODE, mode=0o600, uid=0, gid=0, atime_ns=0,
+                                 mtime_ns=0, time_ns=3))  # something new to checkpoint
+        checkpoints = Checkpoints(store, keep=2)
+        with pytest.raises(StoreDamaged, match=f"checkpoint not taken: .*data of inode 2 at offset {2 * BS}"):
+            checkpoints.take()
+        assert [c.seq for c in checkpoints.list()] == [store.last_seq - 1]  # only the older one
+        assert not list((tmp_path / "s" / "checkpoints").glob(".tmp-*"))
+        assert store.integrity.summary()["damaged_found"] == 2  # the block, and the record holding it
 
 
 @pytest.mark.parametrize("verb", ["fsck", "digest", "scrub", "upgrade", "primary", "standby", "inspect",
