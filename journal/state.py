@@ -54,6 +54,22 @@ _SEALED_INODE = INODE_SIZE + CHECKSUM_SIZE
 _SEALED_INO = 8 + CHECKSUM_SIZE
 
 
+#: Sealed values of inodes and directory entries that passed their check, by key. A value
+#: read again is checked by comparing it with the bytes that passed (a dict lookup and a
+#: memcmp) instead of hashing it: the same bytes under the same key are as good as they
+#: were, and a value changed in any way is hashed and checked in full. Most calls read the
+#: same few values again (the path's directories, the file a lookup just found).
+_GOOD_INODES: dict[bytes, bytes] = {}
+_GOOD_DIRENTS: dict[bytes, bytes] = {}
+_GOOD_MAX = 1 << 16
+
+
+def _remember(good: dict[bytes, bytes], key: bytes | memoryview, raw: bytes | memoryview) -> None:
+    if len(good) >= _GOOD_MAX:
+        good.clear()
+    good[bytes(key)] = bytes(raw)
+
+
 class _PyBuffer(ctypes.Structure):
     """CPython's Py_buffer: how a read-only memoryview gives up its address."""
 
@@ -122,10 +138,12 @@ class FsState:
         raw = self.txn.get(key, db=self.db.inodes)
         if raw is None:
             raise NotFound(f"inode {ino}")
-        if len(raw) != _SEALED_INODE or (pack_checksum(xxh3(raw[:INODE_SIZE], xxh3(key, _INODES_TAG)))
-                                         != raw[INODE_SIZE:]):
-            value = unseal(DB_INODES, key, raw)  # raises, saying what is wrong; or the size is
-            raise DamagedValue(DB_INODES, key, f"value of {len(value)} bytes is not an inode")
+        if _GOOD_INODES.get(key) != raw:
+            if len(raw) != _SEALED_INODE or (pack_checksum(xxh3(raw[:INODE_SIZE], xxh3(key, _INODES_TAG)))
+                                             != raw[INODE_SIZE:]):
+                value = unseal(DB_INODES, key, raw)  # raises, saying what is wrong; or the size is
+                raise DamagedValue(DB_INODES, key, f"value of {len(value)} bytes is not an inode")
+            _remember(_GOOD_INODES, key, raw)
         node = self._inodes[ino] = Inode.unpack_from(raw)
         return node
 
@@ -155,9 +173,12 @@ class FsState:
 
     # --- names ----------------------------------------------------------------------
     def _dirent(self, key: bytes | memoryview, raw: bytes | memoryview) -> int:
-        if len(raw) != _SEALED_INO or pack_checksum(xxh3(raw[:8], xxh3(key, _DIRENTS_TAG))) != raw[8:]:
-            value = unseal(DB_DIRENTS, key, raw)  # raises, saying what is wrong; or the size is
-            raise DamagedValue(DB_DIRENTS, bytes(key), f"value of {len(value)} bytes is not an inode number")
+        if _GOOD_DIRENTS.get(key) != raw:
+            if len(raw) != _SEALED_INO or pack_checksum(xxh3(raw[:8], xxh3(key, _DIRENTS_TAG))) != raw[8:]:
+                value = unseal(DB_DIRENTS, key, raw)  # raises, saying what is wrong; or the size is
+                raise DamagedValue(DB_DIRENTS, bytes(key),
+                                   f"value of {len(value)} bytes is not an inode number")
+            _remember(_GOOD_DIRENTS, key, raw)
         return _U64.unpack_from(raw)[0]
 
     def lookup(self, parent: int, name: bytes) -> int:
@@ -195,8 +216,8 @@ class FsState:
                     self.directory(ino)  # ENOTDIR beats ENOENT when a component is a file
                 raise NotFound(path)
             # _dirent, inlined: this is every call's path walk.
-            if len(raw) != _SEALED_INO or pack_checksum(xxh3(raw[:8], xxh3(key, _DIRENTS_TAG))) != raw[8:]:
-                self._dirent(key, raw)  # raises
+            if _GOOD_DIRENTS.get(key) != raw:
+                self._dirent(key, raw)
             ino = _U64.unpack_from(raw)[0]
         return ino
 
