@@ -28,6 +28,8 @@ from .errors import fuse_errors
 log = logging.getLogger(__name__)
 
 POSIX_ACL_PREFIX = "system.posix_acl_"
+#: 512-byte sectors in a block, as a shift.
+_SECTORS_PER_BLOCK_SHIFT = (BLOCK_SIZE // 512).bit_length() - 1
 
 #: Makes an fsync durable: called with the seq that must be durable before fsync returns
 #: and the local flush, which it must call; a replicating node ships the records to its
@@ -71,6 +73,10 @@ class TandemFS(Operations):
 
     @staticmethod
     def _attrs(ino: int, node: Any) -> dict[str, int]:
+        # st_blocks: what a file occupies (its stored blocks, no more than its size), so
+        # that sparse files look sparse.
+        stored = node.blocks << _SECTORS_PER_BLOCK_SHIFT
+        sectors = (node.size + 511) >> 9
         return {
             "st_ino": ino,
             "st_mode": node.mode,
@@ -79,8 +85,7 @@ class TandemFS(Operations):
             "st_gid": node.gid,
             "st_rdev": node.rdev,
             "st_size": node.size,
-            # What a file occupies (its stored blocks), so that sparse files look sparse.
-            "st_blocks": min(node.blocks * (BLOCK_SIZE // 512), (node.size + 511) // 512),
+            "st_blocks": stored if stored < sectors else sectors,
             "st_blksize": BLOCK_SIZE,
             "st_atime": node.atime_ns,
             "st_mtime": node.mtime_ns,

@@ -110,14 +110,15 @@ def check_name(name: bytes) -> None:
 class FsState:
     __slots__ = ("txn", "db", "_inodes")
 
-    def __init__(self, txn: lmdb.Transaction, db: Databases) -> None:
+    def __init__(self, txn: lmdb.Transaction, db: Databases, remember_inodes: bool = False) -> None:
         self.txn = txn
         self.db = db
-        #: Inodes read (and verified) or written through this view, by number: an operation
-        #: reads the same few inodes several times. Every write of an inode goes through
-        #: put_inode or delete_inode, which keep it current; an Inode handed out is the one
-        #: kept here, so whoever changes one puts it (or the transaction is abandoned).
-        self._inodes: dict[int, Inode] = {}
+        #: With `remember_inodes` (apply's view): the inodes read (and verified) or written
+        #: through this view, by number, since an operation reads the same few inodes
+        #: several times. Every write of an inode goes through put_inode or delete_inode,
+        #: which keep it current; an Inode handed out is the one kept here, so whoever
+        #: changes one puts it (or the transaction is abandoned).
+        self._inodes: dict[int, Inode] | None = {} if remember_inodes else None
 
     # --- sealed values --------------------------------------------------------------
     # The checks of inodes and directory entries, the values every call reads, are inlined
@@ -131,9 +132,9 @@ class FsState:
 
     # --- inodes ---------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
-        node = self._inodes.get(ino)
-        if node is not None:
-            return node
+        remembered = self._inodes
+        if remembered is not None and ino in remembered:
+            return remembered[ino]
         key = _U64.pack(ino)
         raw = self.txn.get(key, db=self.db.inodes)
         if raw is None:
@@ -144,22 +145,26 @@ class FsState:
                 value = unseal(DB_INODES, key, raw)  # raises, saying what is wrong; or the size is
                 raise DamagedValue(DB_INODES, key, f"value of {len(value)} bytes is not an inode")
             _remember(_GOOD_INODES, key, raw)
-        node = self._inodes[ino] = Inode.unpack_from(raw)
+        node = Inode.unpack_from(raw)
+        if remembered is not None:
+            remembered[ino] = node
         return node
 
     def has_inode(self, ino: int) -> bool:
-        return ino in self._inodes or self.txn.get(u64(ino), db=self.db.inodes) is not None
+        return self.txn.get(u64(ino), db=self.db.inodes) is not None
 
     def put_inode(self, ino: int, inode: Inode) -> None:
         key = _U64.pack(ino)
         value = inode.pack()
         self.txn.put(key, value + pack_checksum(xxh3(value, xxh3(key, _INODES_TAG))), db=self.db.inodes)
-        self._inodes[ino] = inode
+        if self._inodes is not None:
+            self._inodes[ino] = inode
 
     def delete_inode(self, ino: int) -> None:
         """Delete inode `ino`'s attributes (apply deletes the rest of it)."""
         self.txn.delete(_U64.pack(ino), db=self.db.inodes)
-        self._inodes.pop(ino, None)
+        if self._inodes is not None:
+            self._inodes.pop(ino, None)
 
     def next_ino(self) -> int:
         raw = self.get_meta(META_NEXT_INO)
@@ -203,7 +208,7 @@ class FsState:
     def resolve(self, path: bytes) -> int:
         """Walk `path` (absolute, '/'-separated) from the root to an inode number."""
         ino = ROOT_INO
-        get, dirents = self.txn.get, self.db.dirents
+        get, dirents, good = self.txn.get, self.db.dirents, _GOOD_DIRENTS
         for name in path.split(b"/"):
             if not name:
                 continue
@@ -216,7 +221,7 @@ class FsState:
                     self.directory(ino)  # ENOTDIR beats ENOENT when a component is a file
                 raise NotFound(path)
             # _dirent, inlined: this is every call's path walk.
-            if _GOOD_DIRENTS.get(key) != raw:
+            if good.get(key) != raw:
                 self._dirent(key, raw)
             ino = _U64.unpack_from(raw)[0]
         return ino
