@@ -311,28 +311,23 @@ class Node:
                 for future in requests:
                     future.set_result((checkpoint, pruned))
                 self._untroubled("maintenance", "maintenance works again")
-            except StoreFull as exc:
-                self._troubled("maintenance", f"cannot prune the journal: {exc}")
-                for future in requests:
-                    if not future.done():
-                        future.set_exception(exc)
-            except DamagedValue as exc:
-                # Pruning met a damaged record a block still needs: noted and logged once
-                # by the store, repaired from the peer if it can be.
-                self.store.handle_damage(exc)
-                for future in requests:
-                    if not future.done():
-                        future.set_exception(exc)
-            except StoreDamaged as exc:
-                self._troubled("maintenance", f"maintenance: {exc}")
-                for future in requests:
-                    if not future.done():
-                        future.set_exception(exc)
             except Exception as exc:
-                self._troubled("maintenance", f"maintenance failed: {exc!r}", exc)
+                self._maintenance_failed(exc)
                 for future in requests:
                     if not future.done():
                         future.set_exception(exc)
+
+    def _maintenance_failed(self, exc: Exception) -> None:
+        """Say once why maintenance failed (a damaged value: the store notes it, and repairs
+        it from the peer if it can)."""
+        if isinstance(exc, StoreFull):
+            self._troubled("maintenance", f"cannot prune the journal: {exc}")
+        elif isinstance(exc, DamagedValue) and self.store is not None:
+            self.store.handle_damage(exc)
+        elif isinstance(exc, StoreDamaged):
+            self._troubled("maintenance", f"maintenance: {exc}")
+        else:
+            self._troubled("maintenance", f"maintenance failed: {exc!r}", exc)
 
     def _troubled(self, what: str, message: str, exc: BaseException | None = None) -> None:
         """Log a maintenance problem once (one that lasts: again after TROUBLE_REPEAT), not on
