@@ -854,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount", required=True, metavar="MNT", help="the mountpoint (an existing directory)")
     p.add_argument("--group-commit", action=argparse.BooleanOptionalAction, default=False,
                    help="batch operations of concurrent FUSE threads in one transaction "
-                   "(default off: measured slower, see README)")
+                   "(default off: measured slower, see docs/benchmarks.md)")
     p.add_argument("--listen", metavar="tcp://HOST:PORT", type=_endpoint(bind=True),
                    help="publish the journal stream here (without it: a single node)")
     p.add_argument("--control", metavar="tcp://HOST:PORT2", type=_endpoint(bind=True),

@@ -1,7 +1,7 @@
 """The FUSE binding: mfusepy (libfuse3) by default, fusepy (libfuse2) on request.
 
 Both speak the fusepy API. `TANDEMFS_FUSE=fusepy` selects the libfuse2 binding; the
-README's benchmark section says why libfuse3 is the default. The `FUSE` subclass here
+docs/benchmarks.md says why libfuse3 is the default. The `FUSE` subclass here
 fixes two places where the bindings lose information the filesystem needs: rename flags
 (RENAME_NOREPLACE / RENAME_EXCHANGE, libfuse3 only) and the UTIME_NOW / UTIME_OMIT
 markers of utimensat, whose tv_sec libfuse leaves uninitialised. It also spares create
