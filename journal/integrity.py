@@ -56,10 +56,6 @@ pack_checksum = _pack
 _COPY_BELOW = 512
 
 
-def checksum(db_name: bytes, key: bytes | memoryview, value: bytes | memoryview) -> int:
-    return _xxh3(value, _xxh3(key, DB_TAGS[db_name]))
-
-
 def seal(db_name: bytes, key: bytes | memoryview, *parts: bytes | memoryview) -> bytes:
     """The concatenation of `parts` followed by its checksum, as it is stored under `key`
     in `db_name`: one copy of the bytes, however many parts."""

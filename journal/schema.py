@@ -202,11 +202,6 @@ class Inode:
         """The inode at the start of `raw` (a sealed value: the checksum follows)."""
         return cls(*_INODE.unpack_from(raw))
 
-    def sectors(self) -> int:
-        """st_blocks: 512-byte units the file occupies, its stored blocks but no more
-        than its size rounded up."""
-        return min(self.blocks * (BLOCK_SIZE // 512), -(-self.size // 512))
-
 
 class Databases:
     """Handles of the named databases of one environment."""
