@@ -104,7 +104,9 @@ def restamp(raw: bytes | memoryview, version: int) -> bytes:
     return bytes(stamped) + _CRC32.pack(zlib.crc32(stamped))
 
 
-def decode_record(raw: bytes | memoryview) -> Record:
+def _checked(raw: bytes | memoryview) -> tuple[int, int, int, bytes, int]:
+    """(op code, epoch, seq, cluster id, end of payload) of a record whose framing and
+    checksum hold; raises CorruptRecord saying what does not."""
     if len(raw) < OVERHEAD:
         raise CorruptRecord(f"record of {len(raw)} bytes is shorter than its header")
     magic, version, code, epoch, seq, cluster_id, length = _HEADER.unpack_from(raw, 0)
@@ -115,22 +117,20 @@ def decode_record(raw: bytes | memoryview) -> Record:
     if HEADER_SIZE + length + _CRC.size != len(raw):
         raise CorruptRecord(f"record length {len(raw)} does not match its payload length {length}")
     end = HEADER_SIZE + length
-    (crc,) = _CRC.unpack_from(raw, end)
-    if _xxh3(memoryview(raw)[:end]) != crc:
+    if _xxh3(memoryview(raw)[:end]) != _CRC.unpack_from(raw, end)[0]:
         raise CorruptRecord(f"checksum mismatch in record seq {seq}")
+    return code, epoch, seq, cluster_id, end
+
+
+def decode_record(raw: bytes | memoryview) -> Record:
+    code, epoch, seq, cluster_id, end = _checked(raw)
     return Record(bytes(cluster_id), epoch, seq, decode_op(code, memoryview(raw)[HEADER_SIZE:end]))
 
 
 def verify_record(raw: bytes | memoryview, seq: int | None = None) -> None:
-    """Check a record's framing and checksum without decoding its op (a block that refers
-    to it is about to be served, or it is about to be sent); raises CorruptRecord."""
-    if len(raw) < OVERHEAD:
-        raise CorruptRecord(f"record of {len(raw)} bytes is shorter than its header")
-    magic, version, _code, _epoch, own_seq, _cid, length = _HEADER.unpack_from(raw, 0)
-    if magic != MAGIC or version != FORMAT_VERSION or HEADER_SIZE + length + _CRC.size != len(raw):
-        raise CorruptRecord(f"record seq {own_seq} is malformed")
+    """Check a record's framing and checksum (and that it is record `seq`) without decoding
+    its op: a block that refers to it is about to be served, or it is about to be sent;
+    raises CorruptRecord."""
+    own_seq = _checked(raw)[2]
     if seq is not None and own_seq != seq:
         raise CorruptRecord(f"record stored as seq {seq} says seq {own_seq}")
-    end = HEADER_SIZE + length
-    if _xxh3(memoryview(raw)[:end]) != _CRC.unpack_from(raw, end)[0]:
-        raise CorruptRecord(f"checksum mismatch in record seq {own_seq}")

@@ -62,7 +62,6 @@ from .integrity import DamagedValue, IntegrityMonitor, describe, seal, unseal
 from .records import decode_record, encode_record, peek_header, verify_record
 from .schema import (
     BLOCK_SIZE,
-    DB_BLOCKS,
     DB_JOURNAL,
     DB_META,
     FORMAT_VERSION,
@@ -727,13 +726,8 @@ class Store:
     @staticmethod
     def _is_whole(state: FsState, db_name: bytes, key: bytes, raw: bytes) -> bool:
         try:
-            if db_name == DB_JOURNAL:
-                verify_record(raw, from_u64(key))
-            elif db_name == DB_BLOCKS:
-                state.block_bytes(key, raw)
-            else:
-                unseal(db_name, key, raw)
-        except (DamagedValue, CorruptRecord):
+            state.verify_entry(db_name, key, raw)
+        except DamagedValue:
             return False
         return True
 
