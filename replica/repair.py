@@ -183,10 +183,7 @@ def answer_request(store: Store | None, body: p.RepairGet, key: bytes,
 
 
 def _sealed_for_peer(state: FsState, store: Store, db_name: bytes, key: bytes, raw: bytes) -> list[bytes]:
-    """[value, context] for one stored value, verified; raises DamagedValue or CorruptRecord."""
-    if db_name == DB_JOURNAL:
-        verify_record(raw, from_u64(key))
-        return [bytes(raw), b""]
+    """[value, context] for one stored value, verified; raises DamagedValue."""
     if db_name == DB_BLOCKS:
         data = state.block_bytes(key, raw)
         ino_key = key[:8]
@@ -195,7 +192,7 @@ def _sealed_for_peer(state: FsState, store: Store, db_name: bytes, key: bytes, r
             raise DamagedValue(DB_INODES, ino_key, "a block of an inode that does not exist")
         unseal(DB_INODES, ino_key, inode)
         return [seal(DB_BLOCKS, key, BLOCK_DATA, data), bytes(inode)]
-    unseal(db_name, key, raw)
+    state.verify_entry(db_name, key, raw)
     return [bytes(raw), b""]
 
 
